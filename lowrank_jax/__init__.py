@@ -1,0 +1,36 @@
+"""lowrank_jax: low-rank fine-tuning and memory-saving methods for JAX and Flax.
+
+Adapters are factories returning :class:`Adapter`, a NamedTuple of pure
+functions over Flax params pytrees; bridges (:mod:`lowrank_jax.linen`,
+:mod:`lowrank_jax.nnx`) run them in factored form inside unchanged models.
+"""
+
+from lowrank_jax import linen as linen
+from lowrank_jax import nnx as nnx
+from lowrank_jax.adapters.base import Adapter as Adapter
+from lowrank_jax.adapters.base import Site as Site
+from lowrank_jax.adapters.lora import lora as lora
+from lowrank_jax.adapters.lora import lora_scale as lora_scale
+from lowrank_jax.sharding import adapter_shardings as adapter_shardings
+from lowrank_jax.training import make_train_step as make_train_step
+from lowrank_jax.training import trainable_summary as trainable_summary
+from lowrank_jax.tree import Layout as Layout
+from lowrank_jax.tree import labels as labels
+from lowrank_jax.tree import mask as mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "Layout",
+    "Site",
+    "adapter_shardings",
+    "labels",
+    "linen",
+    "lora",
+    "lora_scale",
+    "make_train_step",
+    "mask",
+    "nnx",
+    "trainable_summary",
+]

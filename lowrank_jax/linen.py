@@ -1,0 +1,195 @@
+"""Flax linen bridge: factored adapter execution inside unchanged linen models.
+
+How it works: :func:`inject` places each target's adapter leaves in the params
+collection right next to its kernel (``.../q_proj/kernel@adapter``), so
+``nn.scan`` slices them together with a stacked kernel and ``nn.remat``
+recomputes them with it. :func:`apply` then runs ``model.apply`` under
+``nn.intercept_methods`` (linen's official extension point): every call of
+``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum`` and ``nn.Embed`` (``__call__`` and
+``attend``) that finds adapter leaves next to its kernel has its output passed
+through ``adapter.apply``, which adds the low-rank term in factored form
+(``x W + s (x A) B``). The model's code is not touched and the dense update
+``s A B`` is never formed, so no full-size weight gradient exists in the
+backward pass.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lowrank_jax import tree as tree_lib
+from lowrank_jax.adapters import base
+
+__all__ = ["apply", "inject", "kernel_layouts", "SUFFIX"]
+
+#: Name suffix of the injected adapter entry next to a kernel.
+SUFFIX = "@adapter"
+
+
+def _param_name(module) -> str | None:
+    if isinstance(module, nn.Embed):
+        return "embedding"
+    if isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
+        return "kernel"
+    return None
+
+
+def _kind(module, method_name: str) -> str | None:
+    if isinstance(module, nn.Embed):
+        return {"__call__": "lookup", "attend": "attend"}.get(method_name)
+    if isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum)) and method_name == "__call__":
+        return "linear"
+    return None
+
+
+def _first_arg(args, kwargs, name):
+    return args[0] if args else kwargs[name]
+
+
+def _einsum_plan(einsum_str: str, x_ndim: int):
+    """For ``"x,k->o"``: the permutation moving ``x``'s contracted axes last (in kernel order),
+    the number of kernel input axes, and the permutation from the delta's axes to ``o``'s."""
+    spec = einsum_str.replace(" ", "")
+    m = re.fullmatch(r"([a-zA-Z]+),([a-zA-Z]+)->([a-zA-Z]+)", spec)
+    if not m:
+        raise NotImplementedError(f"LoRA on nn.Einsum supports 'x,k->o' subscripts without '...'; got {einsum_str!r}")
+    xs, ks, os_ = m.groups()
+    ins = [c for c in ks if c in xs and c not in os_]
+    outs = [c for c in ks if c in os_ and c not in xs]
+    if list(ks) != ins + outs or not ins or not outs:
+        raise NotImplementedError(
+            f"LoRA on nn.Einsum {einsum_str!r} needs a kernel whose contracted axes come first and whose other axes all "
+            f"appear in the output (no per-head shared axes); got contracted {ins}, output {outs}"
+        )
+    rest = [c for c in xs if c not in ins]
+    x_perm = [xs.index(c) for c in rest] + [xs.index(c) for c in ins]
+    delta_letters = rest + outs
+    out_perm = [delta_letters.index(c) for c in os_]
+    return x_perm, len(ins), out_perm
+
+
+def _site_input(module, kind: str, args, kwargs, kernel):
+    """``(x, site, out_perm)``: the layer input in site form, and the permutation taking the
+    site's output axes (``x``'s other axes, then the kernel's outputs) to the layer's (``None``: same)."""
+    dtype = getattr(module, "dtype", None)
+    if kind in ("lookup", "attend"):
+        x = _first_arg(args, kwargs, "inputs" if kind == "lookup" else "query")
+        return x, base.Site(kind, kernel, 1, dtype), None
+    x = _first_arg(args, kwargs, "inputs")
+    if isinstance(module, nn.Dense):
+        return x, base.Site("linear", kernel, 1, dtype), None
+    if isinstance(module, nn.DenseGeneral):
+        if tuple(module.batch_dims):
+            raise NotImplementedError("LoRA on nn.DenseGeneral with batch_dims is not supported")
+        axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+        axis = tuple(a % x.ndim for a in axis)
+        x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
+        return x, base.Site("linear", kernel, len(axis), dtype), None
+    einsum_str = module.einsum_str if module.einsum_str is not None else (args[1] if len(args) > 1 else kwargs["einsum_str"])
+    x_perm, n_in, out_perm = _einsum_plan(einsum_str, x.ndim)
+    if out_perm == sorted(out_perm):
+        out_perm = None
+    return jnp.transpose(x, x_perm), base.Site("linear", kernel, n_in, dtype), out_perm
+
+
+def _interceptor(adapter: base.Adapter):
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        kind = _kind(module, context.method_name)
+        if kind is None:
+            return next_fun(*args, **kwargs)
+        name = _param_name(module)
+        if not module.has_variable("params", name + SUFFIX):
+            return next_fun(*args, **kwargs)
+        y = next_fun(*args, **kwargs)
+        injected = dict(module.get_variable("params", name + SUFFIX))
+        kernel = nn.meta.unbox(module.get_variable("params", name))
+        x, site, out_perm = _site_input(module, kind, args, kwargs, kernel)
+        leaves = {k: v for k, v in injected.items() if k in adapter.leaf_names}
+        path = "/".join(("params", *module.scope.path, name))
+        if out_perm is not None:
+            y = jnp.transpose(y, tuple(sorted(range(len(out_perm)), key=out_perm.__getitem__)))
+        y = adapter.apply(leaves, site, x, y, path=path, dropout_key=injected.get("dropout_key"))
+        return y if out_perm is None else jnp.transpose(y, out_perm)
+
+    return intercept
+
+
+def inject(adapter: base.Adapter, variables, adapter_params, *, dropout_rng=None):
+    """``variables`` with each target's adapter leaves placed next to its kernel.
+
+    ``variables`` is what ``model.init`` returns (``{"params": ...}``); the input
+    trees are not modified. With a ``dropout_rng``, each target also gets its own
+    dropout keys, one per stacked (scanned) layer.
+    """
+    entries = {}
+    targets = base.resolve_targets(adapter_params, variables, adapter.leaf_names)
+    for i, (keys, path, kernel, leaves) in enumerate(targets):
+        if keys[0] != "params":
+            raise ValueError(f"adapter target {path!r} is not in the 'params' collection")
+        kernel = nn.meta.unbox(kernel)
+        entry = dict(leaves)
+        if dropout_rng is not None and adapter.config.get("dropout", 0.0) > 0.0:
+            layout = base.derive_layout(path, kernel.shape, leaves["a"].shape, leaves["b"].shape)
+            stack = tuple(kernel.shape[: layout.stack])
+            k = jax.random.fold_in(dropout_rng, i)
+            entry["dropout_key"] = jax.random.split(k, tree_lib.prod(stack)).reshape(stack) if stack else k
+        entries[keys[:-1] + (keys[-1] + SUFFIX,)] = entry
+
+    def add(node, keys):
+        if not isinstance(node, dict) and not hasattr(node, "items"):
+            return node
+        out = {k: add(v, keys + (k,)) for k, v in node.items()}
+        for entry_keys, entry in entries.items():
+            if entry_keys[:-1] == keys:
+                out[entry_keys[-1]] = entry
+        return out
+
+    return add(variables, ())
+
+
+def apply(model: nn.Module, adapter: base.Adapter, variables, adapter_params, *args,
+          dropout_rng=None, **kwargs) -> Any:
+    """``model.apply(variables, *args, **kwargs)`` with the adapter executed in factored form.
+
+    Args:
+      model: an unchanged linen module.
+      adapter: e.g. ``lrj.lora(...)``.
+      variables: what ``model.init`` returned (``{"params": ...}``, plus any other collections).
+      adapter_params: the adapter's trainable tree (``adapter.init(key, variables)``).
+      *args, **kwargs: passed to ``model.apply`` (``method=``, ``rngs=``, ``mutable=``...).
+      dropout_rng: key for dropout on the adapter branch; ``None`` disables it (eval).
+    """
+    injected = inject(adapter, variables, adapter_params, dropout_rng=dropout_rng)
+    with nn.intercept_methods(_interceptor(adapter)):
+        return model.apply(injected, *args, **kwargs)
+
+
+def kernel_layouts(model: nn.Module, *args, method=None, **kwargs) -> dict[str, tree_lib.Layout]:
+    """Discovers the :class:`lrj.Layout` of every Dense/DenseGeneral/Einsum/Embed kernel.
+
+    Traces ``model.init`` abstractly (no FLOPs, no memory) and compares each
+    layer's per-call kernel with the stored parameter: leading axes the call does
+    not see are scan-stacked. Pass the result as ``lrj.lora(..., layouts=...)``.
+    """
+    seen: dict[str, tuple[int, int]] = {}
+
+    def record(next_fun, a, kw, context):
+        out = next_fun(*a, **kw)
+        module, kind = context.module, _kind(context.module, context.method_name)
+        if kind is not None:
+            name = _param_name(module)
+            kernel = nn.meta.unbox(module.get_variable("params", name))
+            inputs = _site_input(module, kind, a, kw, kernel)[1].inputs
+            seen["/".join(("params", *module.scope.path, name))] = (kernel.ndim, inputs)
+        return out
+
+    with nn.intercept_methods(record):
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, method=method, **kwargs))
+    full = {p: leaf.shape for _, p, leaf in tree_lib.flatten_with_paths(nn.meta.unbox(shapes))}
+    return {p: tree_lib.Layout(len(full[p]) - ndim, inputs) for p, (ndim, inputs) in seen.items() if p in full}

@@ -1,0 +1,177 @@
+"""Flax NNX bridge: factored adapter execution inside unchanged NNX models.
+
+:func:`apply` works on a copy of the model's graph (``nnx.split`` then
+``nnx.merge(copy=True)``; the user's model is never modified). In the copy,
+each targeted ``nnx.Linear``/``nnx.LinearGeneral``/``nnx.Einsum``/``nnx.Embed``
+gets its adapter leaves as :class:`AdapterParam` variables next to its kernel
+(so ``nnx.scan``/``nnx.vmap`` over stacked layers slice them with the kernel,
+and ``nnx.remat`` recomputes them) and its class is swapped for a subclass whose
+``__call__`` (and ``attend``) adds the adapter's factored term after the
+original computation. The subclass is recorded in the graph definition, so the
+swap survives the graph round trips that NNX transforms make.
+
+Params for ``adapter.init`` are the model's ``nnx.Param`` state, e.g.
+``adapter.init(key, nnx.state(model, nnx.Param))``; paths look like
+``"blocks/linear1/kernel"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import itertools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx as fnnx
+
+from lowrank_jax import tree as tree_lib
+from lowrank_jax.adapters import base
+from lowrank_jax.linen import _einsum_plan
+
+__all__ = ["AdapterParam", "apply", "kernel_layouts", "params"]
+
+PREFIX = "lrj_"
+
+
+class AdapterParam(fnnx.Param):
+    """Adapter leaves placed in a model copy (a ``Param`` so ``StateAxes({nnx.Param: 0})`` scans slice it)."""
+
+
+_ACTIVE: contextvars.ContextVar[dict] = contextvars.ContextVar("lowrank_jax_nnx_active", default={})
+_TOKENS = itertools.count()
+_CLASSES: dict[type, type] = {}
+
+
+def params(model) -> Any:
+    """The model's ``nnx.Param`` state, the ``params`` to give ``adapter.init``."""
+    return fnnx.state(model, fnnx.Param)
+
+
+def _kernel_name(module) -> str | None:
+    if isinstance(module, fnnx.Embed):
+        return "embedding"
+    if isinstance(module, (fnnx.Linear, fnnx.LinearGeneral, fnnx.Einsum)):
+        return "kernel"
+    return None
+
+
+def _site_input(module, kind: str, args, kwargs, kernel):
+    """Like ``lrj.linen._site_input`` for NNX layers."""
+    dtype = getattr(module, "dtype", None)
+    x = args[0] if args else next(iter(kwargs.values()))
+    if kind in ("lookup", "attend"):
+        return x, base.Site(kind, kernel, 1, dtype), None
+    if isinstance(module, fnnx.Linear):
+        return x, base.Site("linear", kernel, 1, dtype), None
+    if isinstance(module, fnnx.LinearGeneral):
+        if module.batch_axis:
+            raise NotImplementedError("LoRA on nnx.LinearGeneral with batch_axis is not supported")
+        axis = tuple(a % x.ndim for a in module.axis)
+        x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
+        return x, base.Site("linear", kernel, len(axis), dtype), None
+    einsum_str = module.einsum_str if module.einsum_str is not None else (args[1] if len(args) > 1 else kwargs["einsum_str"])
+    x_perm, n_in, out_perm = _einsum_plan(einsum_str, x.ndim)
+    if out_perm == sorted(out_perm):
+        out_perm = None
+    return jnp.transpose(x, x_perm), base.Site("linear", kernel, n_in, dtype), out_perm
+
+
+def _run(module, kind: str, original, args, kwargs):
+    y = original(module, *args, **kwargs)
+    token, path = module._lrj_token, module._lrj_path
+    adapter = _ACTIVE.get().get(token)
+    if adapter is None:
+        raise RuntimeError(f"adapted layer {path!r} was called outside lrj.nnx.apply")
+    name = _kernel_name(module)
+    kernel = getattr(module, name)[...]
+    leaves = {n: getattr(module, PREFIX + n)[...] for n in adapter.leaf_names}
+    key_var = getattr(module, PREFIX + "dropout_key", None)
+    x, site, out_perm = _site_input(module, kind, args, kwargs, kernel)
+    if out_perm is not None:
+        y = jnp.transpose(y, tuple(sorted(range(len(out_perm)), key=out_perm.__getitem__)))
+    y = adapter.apply(leaves, site, x, y, path=path, dropout_key=None if key_var is None else key_var[...])
+    return y if out_perm is None else jnp.transpose(y, out_perm)
+
+
+def _adapted_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        namespace = {}
+        if issubclass(cls, fnnx.Embed):
+            namespace["__call__"] = lambda self, *a, **k: _run(self, "lookup", cls.__call__, a, k)
+            namespace["attend"] = lambda self, *a, **k: _run(self, "attend", cls.attend, a, k)
+        else:
+            namespace["__call__"] = lambda self, *a, **k: _run(self, "linear", cls.__call__, a, k)
+        _CLASSES[cls] = type(f"Adapted{cls.__name__}", (cls,), namespace)
+    return _CLASSES[cls]
+
+
+@contextlib.contextmanager
+def _active(token: int, adapter):
+    reset = _ACTIVE.set({**_ACTIVE.get(), token: adapter})
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(reset)
+
+
+def adapted_copy(model, adapter: base.Adapter, adapter_params, *, dropout_rng=None):
+    """``(copy, token)``: a copy of ``model`` whose targeted layers run the adapter."""
+    graphdef, state = fnnx.split(model)
+    clone = fnnx.merge(graphdef, state, copy=True)
+    modules = {tuple(p): m for p, m in fnnx.iter_modules(clone)}
+    token = next(_TOKENS)
+    targets = base.resolve_targets(adapter_params, params(clone), adapter.leaf_names)
+    for i, (keys, path, kernel, leaves) in enumerate(targets):
+        module = modules.get(tuple(keys[:-1]))
+        if module is None or _kernel_name(module) != keys[-1]:
+            raise ValueError(
+                f"adapter target {path!r} is not the kernel of an nnx.Linear/LinearGeneral/Einsum/Embed "
+                f"(found {type(module).__name__})"
+            )
+        module.__class__ = _adapted_class(type(module))
+        module._lrj_token, module._lrj_path = token, path
+        for n, v in leaves.items():
+            setattr(module, PREFIX + n, AdapterParam(v))
+        if dropout_rng is not None and adapter.config.get("dropout", 0.0) > 0.0:
+            layout = base.derive_layout(path, kernel.shape, leaves["a"].shape, leaves["b"].shape)
+            stack = tuple(kernel.shape[: layout.stack])
+            k = jax.random.fold_in(dropout_rng, i)
+            setattr(module, PREFIX + "dropout_key",
+                    AdapterParam(jax.random.split(k, tree_lib.prod(stack)).reshape(stack) if stack else k))
+    return clone, token
+
+
+def apply(model, adapter: base.Adapter, adapter_params, *args, dropout_rng=None, method: str = "__call__", **kwargs):
+    """``getattr(model, method)(*args, **kwargs)`` with the adapter executed in factored form.
+
+    ``model`` is left unchanged: the call runs on a copy of its graph. Works
+    under ``jax.jit``/``jax.grad`` with respect to ``adapter_params``.
+    """
+    clone, token = adapted_copy(model, adapter, adapter_params, dropout_rng=dropout_rng)
+    with _active(token, adapter):
+        return getattr(clone, method)(*args, **kwargs)
+
+
+def kernel_layouts(model) -> dict[str, tree_lib.Layout]:
+    """The :class:`lrj.Layout` of every Linear/LinearGeneral/Einsum/Embed kernel in ``model``.
+
+    Leading kernel axes beyond what the layer's own shape attributes describe
+    are stacked (``nnx.vmap``-created layers scanned with ``nnx.scan``).
+    """
+    out = {}
+    for path, module in fnnx.iter_modules(model):
+        name = _kernel_name(module)
+        if name is None:
+            continue
+        kernel = getattr(module, name)
+        if isinstance(module, fnnx.LinearGeneral):
+            own, inputs = len(module.in_features) + len(module.out_features), len(module.in_features)
+        elif isinstance(module, fnnx.Einsum):
+            own = len(module.kernel_shape)
+            inputs = _einsum_plan(module.einsum_str, 0)[1] if module.einsum_str else 1
+        else:
+            own, inputs = 2, 1
+        out[tree_lib.path_str((*path, name))] = tree_lib.Layout(kernel.ndim - own, inputs)
+    return out

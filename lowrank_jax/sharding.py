@@ -1,0 +1,72 @@
+"""Adapter shardings inherited from the base kernels' shardings.
+
+Rule (``kernel: [*stack, *inputs, *outputs]`` with spec ``(S..., I..., O...)``):
+``a: [*stack, *inputs, r]`` gets ``(S..., I..., None)`` and
+``b: [*stack, r, *outputs]`` gets ``(S..., None, O...)``. The rank axis is never
+sharded (it is small), so ``x @ a`` needs the same collective as ``x @ W`` over
+the input axes, and ``(x a) @ b`` produces the same output sharding as ``x @ W``.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lowrank_jax import tree as tree_lib
+from lowrank_jax.adapters import base
+
+__all__ = ["adapter_shardings"]
+
+
+def _spec_of(sharding, ndim: int) -> tuple:
+    spec = tuple(sharding.spec)
+    return spec + (None,) * (ndim - len(spec))
+
+
+def adapter_shardings(params, adapter_params, shardings=None):
+    """A tree of shardings for ``adapter_params`` (arrays or ``jax.ShapeDtypeStruct``s).
+
+    Args:
+      params: the base params; leaves are arrays or ``ShapeDtypeStruct``s carrying
+        ``.sharding``, unless ``shardings`` is given.
+      adapter_params: the adapter tree (or ``jax.eval_shape(adapter.init, key, params)``).
+      shardings: optional tree of ``NamedSharding`` matching ``params``.
+
+    Returns:
+      A tree like ``adapter_params`` of ``NamedSharding`` (or the kernel's own
+      sharding when it is not a ``NamedSharding``, e.g. a single device).
+    """
+    flat_shardings = None
+    if shardings is not None:
+        flat_shardings = {
+            keys: s for keys, _, s in tree_lib.flatten_with_paths(shardings)
+        } if not isinstance(shardings, NamedSharding) else None
+    names = frozenset(
+        tree_lib._key_name(kp[-1]) for kp, _ in jax.tree_util.tree_flatten_with_path(adapter_params)[0]
+    )
+    out = {}
+    for keys, path, kernel, leaves in base.resolve_targets(adapter_params, params, names):
+        if isinstance(shardings, NamedSharding):
+            sharding = shardings
+        elif flat_shardings is not None:
+            sharding = flat_shardings[keys]
+        else:
+            sharding = getattr(kernel, "sharding", None)
+        if sharding is None:
+            raise ValueError(f"no sharding for {path!r}: pass arrays/ShapeDtypeStructs with shardings or `shardings=`")
+        layout = base.derive_layout(path, kernel.shape, leaves["a"].shape, leaves["b"].shape)
+        entry = {}
+        for name in leaves:
+            if not isinstance(sharding, NamedSharding):
+                entry[name] = sharding
+                continue
+            stack, ins, outs = layout.split(_spec_of(sharding, len(kernel.shape)))
+            if name == "a":
+                spec = (*stack, *ins, None)
+            elif name == "b":
+                spec = (*stack, None, *outs)
+            else:
+                raise ValueError(f"no sharding rule for adapter leaf {name!r} at {path!r}")
+            entry[name] = NamedSharding(sharding.mesh, PartitionSpec(*spec))
+        out[keys] = entry
+    return tree_lib.nest(out)

@@ -1,0 +1,244 @@
+"""Pytree plumbing shared by every adapter: paths, target selection, kernel layouts.
+
+A *path* is the "/"-joined string of a leaf's keys in a params pytree, e.g.
+``"params/layers_0/self_attn/q_proj/kernel"`` for Flax linen or
+``"blocks/lin/kernel"`` for an NNX pure state dict. Targets are matched
+against these strings with :func:`re.fullmatch`.
+
+An adapter tree mirrors the targeted paths: the leaves of a target at
+``params/Dense_0/kernel`` live under ``{"params": {"Dense_0": {"kernel": {...}}}}``
+and are named after the math (``a``, ``b``, ``m``...).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "Layout",
+    "Target",
+    "path_str",
+    "flatten_with_paths",
+    "select_targets",
+    "nest",
+    "get_path",
+    "adapter_paths",
+    "labels",
+    "mask",
+]
+
+Targets = str | Sequence[str] | Callable[[str, Any], bool]
+
+#: Param names of the layers the bridges know, and what kind of layer they are.
+EMBEDDING_NAMES = ("embedding",)
+
+
+class Layout(NamedTuple):
+    """How a kernel's axes split: ``kernel.shape == (*stack, *inputs, *outputs)``.
+
+    ``stack`` counts leading axes of layers stacked by ``nn.scan``/``nnx.scan``
+    (each stacked layer gets its own factors); ``inputs`` counts the axes that
+    contract with the layer input. The rest are output axes. A Flax ``Dense``
+    kernel ``[in, out]`` is ``Layout(0, 1)``; a scanned one ``[L, in, out]`` is
+    ``Layout(1, 1)``; an attention projection ``DenseGeneral(features=(N, H))``
+    kernel ``[D, N, H]`` is ``Layout(0, 1)`` and its output projection
+    ``DenseGeneral(features=D, axis=(-2, -1))`` kernel ``[N, H, D]`` is
+    ``Layout(0, 2)``. The factors then are ``a: [*stack, *inputs, r]`` and
+    ``b: [*stack, r, *outputs]``.
+    """
+
+    stack: int
+    inputs: int
+
+    def split(self, shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """Returns (stack dims, input dims, output dims) of ``shape``."""
+        s, i = self.stack, self.inputs
+        return tuple(shape[:s]), tuple(shape[s : s + i]), tuple(shape[s + i :])
+
+
+class Target(NamedTuple):
+    """One targeted leaf: its key path, "/"-joined path string, leaf and layout."""
+
+    keys: tuple[Any, ...]
+    path: str
+    leaf: Any
+    layout: Layout
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.keys[-1] in EMBEDDING_NAMES
+
+
+def _key_name(key) -> Any:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return getattr(key, attr)
+    raise TypeError(f"unsupported pytree key {key!r}")
+
+
+def path_str(keys: Sequence[Any]) -> str:
+    """"/"-joins a key path (jax key entries or plain names)."""
+    return "/".join(str(_key_name(k) if not isinstance(k, (str, int)) else k) for k in keys)
+
+
+def _is_variable(x) -> bool:
+    # NNX Variables (nnx.State leaves) count as leaves; their value is the array.
+    return hasattr(x, "get_value") and hasattr(x, "set_value")
+
+
+def _unwrap(x):
+    return x.get_value() if _is_variable(x) else x
+
+
+def flatten_with_paths(tree) -> list[tuple[tuple[Any, ...], str, Any]]:
+    """Leaves of ``tree`` as ``(keys, path, leaf)``; NNX Variables are unwrapped."""
+    out = []
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)[0]:
+        keys = tuple(_key_name(k) for k in keypath)
+        out.append((keys, path_str(keys), _unwrap(leaf)))
+    return out
+
+
+def _matcher(targets: Targets) -> Callable[[str, Any], bool]:
+    if callable(targets):
+        return targets
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, Sequence) or not targets or not all(isinstance(t, str) for t in targets):
+        raise TypeError(
+            f"`targets` must be a regex string, a non-empty list of them, or a callable (path, leaf) -> bool; "
+            f"got {targets!r}"
+        )
+    compiled = []
+    for t in targets:
+        try:
+            compiled.append(re.compile(t))
+        except re.error as e:
+            raise ValueError(f"`targets` pattern {t!r} is not a valid regex: {e}") from None
+    return lambda path, leaf: any(c.fullmatch(path) for c in compiled)
+
+
+def first_match(patterns: Mapping[str, Any] | None, path: str, default):
+    """Value of the first pattern in ``patterns`` that fullmatches ``path``, else ``default``."""
+    for pattern, value in (patterns or {}).items():
+        if re.fullmatch(pattern, path):
+            return value
+    return default
+
+
+def default_layout(keys: tuple[Any, ...], shape: tuple[int, ...]) -> Layout | None:
+    """The layout of a 2-D kernel or embedding; ``None`` where it is ambiguous."""
+    if len(shape) == 2:
+        return Layout(0, 1)
+    return None
+
+
+def select_targets(
+    params,
+    targets: Targets,
+    layouts: Mapping[str, Layout | tuple[int, int]] | Callable[[str, Any], Layout | None] | None = None,
+) -> list[Target]:
+    """The leaves of ``params`` that ``targets`` selects, with their layouts.
+
+    Raises ``ValueError`` naming some existing paths when nothing matches, and
+    when an N-D kernel's layout is not given; ``TypeError`` for non-floating leaves.
+    """
+    match = _matcher(targets)
+    leaves = flatten_with_paths(params)
+    if not leaves:
+        raise ValueError("`params` has no leaves")
+    found = []
+    for keys, path, leaf in leaves:
+        if not match(path, leaf):
+            continue
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"target {path!r} must be a floating-point array, got {type(leaf).__name__} of dtype {dtype}")
+        shape = tuple(leaf.shape)
+        if callable(layouts):
+            layout = layouts(path, leaf)
+        else:
+            layout = (layouts or {}).get(path)
+        layout = Layout(*layout) if layout is not None else default_layout(keys, shape)
+        if layout is None:
+            raise ValueError(
+                f"target {path!r} has shape {shape}: say which axes are stacked (scan) and which are inputs with "
+                f"`layouts={{{path!r}: lrj.Layout(stack=..., inputs=...)}}`, or discover them with "
+                f"`lrj.linen.kernel_layouts(model, *args)` / `lrj.nnx.kernel_layouts(model, *args)`"
+            )
+        if layout.stack < 0 or layout.inputs < 1 or layout.stack + layout.inputs >= len(shape):
+            raise ValueError(f"layout {layout} does not fit target {path!r} of shape {shape}")
+        found.append(Target(keys, path, leaf, layout))
+    if not found:
+        sample = [p for _, p, _ in leaves]
+        shown = ", ".join(repr(p) for p in sample[:12]) + (", ..." if len(sample) > 12 else "")
+        raise ValueError(f"`targets` {targets!r} matched no parameter; paths in params include: {shown}")
+    return found
+
+
+def nest(items: Mapping[tuple[Any, ...], Any]) -> dict:
+    """Builds a nested dict from ``{key_path: value}``."""
+    root: dict = {}
+    for keys, value in items.items():
+        node = root
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return root
+
+
+def get_path(tree, keys: Sequence[Any]):
+    node = tree
+    for k in keys:
+        node = node[k]
+    return node
+
+
+def adapter_paths(adapter_params, leaf_names: frozenset[str]) -> list[tuple[tuple[Any, ...], dict]]:
+    """``(target keys, {leaf name: array})`` for every target in an adapter tree.
+
+    A target is a dict whose keys are all adapter leaf names (``a``, ``b``, ...).
+    """
+    out = []
+
+    def walk(node, keys):
+        if isinstance(node, Mapping):
+            if node and set(node) <= leaf_names and not any(isinstance(v, Mapping) for v in node.values()):
+                out.append((keys, dict(node)))
+                return
+            for k, v in node.items():
+                walk(v, keys + (k,))
+        else:
+            raise ValueError(f"adapter tree has a stray leaf at {path_str(keys)!r}; expected a dict of {sorted(leaf_names)}")
+
+    walk(adapter_params, ())
+    return out
+
+
+def labels(adapter_params) -> Any:
+    """A tree like ``adapter_params`` whose leaves are their own names (``"a"``, ``"b"``, ...).
+
+    Made for ``optax.partition({"a": ..., "b": ...}, lrj.labels)``.
+    """
+    return jax.tree_util.tree_map_with_path(lambda kp, _: str(_key_name(kp[-1])), adapter_params)
+
+
+def mask(adapter_params, names: Sequence[str]) -> Any:
+    """Boolean tree: ``True`` where a leaf's name is in ``names`` (for optax masks)."""
+    names = frozenset(names)
+    return jax.tree_util.tree_map_with_path(lambda kp, _: _key_name(kp[-1]) in names, adapter_params)
+
+
+def num_params(tree) -> int:
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
+
+
+def prod(xs: Sequence[int]) -> int:
+    return int(math.prod(xs))
