@@ -55,7 +55,7 @@ def make_train_step(
         )
         updates, opt_state = optimizer.update(grads, opt_state, adapter_params)
         adapter_params = optax.apply_updates(adapter_params, updates)
-        metrics = {"loss": loss, "objective": total, "penalty": reg, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "objective": total, "penalty": reg, "grad_norm": optax.tree.norm(grads)}
         if has_aux:
             metrics["aux"] = aux
         return adapter_params, opt_state, metrics

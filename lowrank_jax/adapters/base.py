@@ -111,6 +111,13 @@ def match_sharding(x, like):
     return jax.sharding.reshard(x, PartitionSpec(*want))
 
 
+def replicated(x):
+    """``x`` fully replicated under an Explicit mesh (for small adapter-only math); else ``x``."""
+    if _explicit_spec(x) is None or all(e is None for e in _explicit_spec(x)):
+        return x
+    return jax.sharding.reshard(x, PartitionSpec())
+
+
 def low_rank(site: Site, x, a, b, scale: float):
     """The factored low-rank map ``x -> f(x; scale * a b)`` of a layer, never forming ``a b``.
 
@@ -180,7 +187,11 @@ def dense_delta(a, b, layout: tree_lib.Layout, kernel_shape, scale: float):
 
 
 def resolve_targets(adapter_params, params, leaf_names: frozenset) -> list[tuple[tuple, str, Any, dict]]:
-    """``(keys, path, kernel, leaves)`` for each target of ``adapter_params`` found in ``params``."""
+    """``(keys, path, kernel, leaves)`` for each target of ``adapter_params`` found in ``params``.
+
+    Raises ``ValueError`` naming the path when a target is missing from ``params``
+    or its factors do not fit the kernel (an adapter trained for another model).
+    """
     flat = {keys: leaf for keys, _, leaf in tree_lib.flatten_with_paths(params)}
     out = []
     for keys, leaves in tree_lib.adapter_paths(adapter_params, leaf_names):
@@ -191,6 +202,8 @@ def resolve_targets(adapter_params, params, leaf_names: frozenset) -> list[tuple
                 f"adapter target {path!r} is not a parameter of this model (is this adapter from another model?); "
                 f"params include {near}"
             )
+        if "a" in leaves and "b" in leaves:
+            derive_layout(path, flat[keys].shape, leaves["a"].shape, leaves["b"].shape)
         out.append((keys, path, flat[keys], leaves))
     return out
 

@@ -171,7 +171,8 @@ def lora(
         r"""``sum over targets of ||s A B||_F^2``, as ``s^2 tr((A^T A)(B B^T))``: r x r products, never in x out."""
         total = jnp.zeros((), jnp.float32)
         for _, path, kernel, leaves in base.resolve_targets(adapter_params, params, frozenset("ab")):
-            a, b = leaves["a"].astype(jnp.float32), leaves["b"].astype(jnp.float32)
+            a = base.replicated(leaves["a"].astype(jnp.float32))
+            b = base.replicated(leaves["b"].astype(jnp.float32))
             layout = base.derive_layout(path, kernel.shape, a.shape, b.shape)
             stack = kernel.shape[: layout.stack]
             r = a.shape[-1]

@@ -1,0 +1,603 @@
+"""A LLaMA-family decoder in flax.linen (LLaMA 2/3, SmolLM, TinyLlama, ...).
+
+The module tree mirrors Hugging Face's ``LlamaForCausalLM`` without its
+``model.`` prefix, so parameter paths read like the checkpoint names::
+
+    params/embed_tokens/embedding                [V, D]       (nn.Embed)
+    params/layers_{i}/input_layernorm/scale      [D]
+    params/layers_{i}/self_attn/q_proj/kernel    [D, N*H]     (nn.Dense, no bias)
+    params/layers_{i}/self_attn/k_proj/kernel    [D, K*H]
+    params/layers_{i}/self_attn/v_proj/kernel    [D, K*H]
+    params/layers_{i}/self_attn/o_proj/kernel    [N*H, D]
+    params/layers_{i}/post_attention_layernorm/scale
+    params/layers_{i}/mlp/{gate_proj,up_proj}/kernel   [D, F]
+    params/layers_{i}/mlp/down_proj/kernel             [F, D]
+    params/norm/scale                            [D]
+    params/lm_head/kernel                        [D, V]  (only when embeddings are untied)
+
+Kernels are in Flax orientation ``[in, out]`` (the transpose of torch's
+``[out, in]``). With ``config.scan_layers=True`` the blocks are one
+``nn.scan`` named ``layers`` and every block leaf gains a leading layer axis:
+``params/layers/self_attn/q_proj/kernel`` is ``[L, D, N*H]``
+(:func:`stack_layers` / :func:`unstack_layers` convert between the two).
+Every projection is a plain ``nn.Dense``, so method interception on
+``nn.Dense`` (the LoRA bridges) sees all of them.
+
+Shape letters: B batch, T query length, S key length, N query heads,
+K key/value heads, H head dim, D model width, F MLP width, V vocabulary.
+
+Calling the model::
+
+    model = LlamaForCausalLM(config)
+    logits = model.apply({"params": params}, input_ids)        # [B, T, V]
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from lowrank_jax.models.llama import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig.tiny()
+    >>> model = LlamaForCausalLM(cfg)
+    >>> ids = jnp.zeros((1, 5), jnp.int32)
+    >>> params = model.init(jax.random.key(0), ids)["params"]
+    >>> model.apply({"params": params}, ids).shape
+    (1, 5, 128)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "RMSNorm",
+    "apply_rope",
+    "generate",
+    "init_cache",
+    "mean_nll",
+    "perplexity",
+    "rope_cos_sin",
+    "stack_layers",
+    "unstack_layers",
+]
+
+#: ``attention_fn(query, key, value, *, mask=None, is_causal=False) -> (BTNH)``
+#: with query ``(BTNH)`` and key/value ``(BSKH)``; the signature conventions of
+#: :func:`jax.nn.dot_product_attention`, which is the default.
+AttentionFn = Callable[..., jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture and execution options of a LLaMA-family decoder.
+
+    Frozen and hashable, so a model built from it can be a static jit argument.
+    Field names follow transformers' ``LlamaConfig``. The defaults are the
+    SmolLM2-135M architecture.
+
+    Attributes:
+      vocab_size, hidden_size, intermediate_size, num_hidden_layers: sizes V, D,
+        F and L.
+      num_attention_heads: N, query heads.
+      num_key_value_heads: K, key/value heads (grouped-query attention when
+        K < N; N must be a multiple of K).
+      head_dim: H; ``None`` means ``hidden_size // num_attention_heads``.
+      rms_norm_eps: epsilon of every RMSNorm.
+      rope_theta: RoPE base.
+      rope_scaling_factor: linear position interpolation: the rotary inverse
+        frequencies are divided by this factor (transformers' ``rope_type
+        "linear"``); 1.0 means no scaling.
+      max_position_embeddings: the context length the model was trained for
+        (informational; nothing is allocated from it).
+      tie_word_embeddings: logits are ``x @ embed_tokens.embedding.T``
+        (``nn.Embed.attend``); otherwise a separate ``lm_head`` Dense.
+      dtype: computation dtype of activations. param_dtype: dtype of new params.
+      scan_layers: run the blocks as one ``nn.scan`` (params stacked ``[L, ...]``).
+      remat: wrap each block in ``nn.remat`` (recompute activations in the
+        backward pass).
+      remat_policy: name of a ``jax.checkpoint_policies`` member, e.g.
+        ``"dots_with_no_batch_dims_saveable"``; ``None`` saves nothing.
+      attention_fn: replaces :func:`jax.nn.dot_product_attention`. It gets
+        query ``(BTNH)`` and key/value ``(BSKH)`` with the *K* key/value heads
+        passed through (not repeated: an implementation without grouped-query
+        support must repeat them itself), after RoPE, and is called as
+        ``attention_fn(q, k, v, is_causal=True)`` for a plain forward pass or
+        ``attention_fn(q, k, v, mask=mask)`` with a boolean ``(B1TS)`` mask
+        when there is an attention mask or a KV cache. The softmax scale is
+        the function's default, ``1/sqrt(H)``. Use ``functools.partial`` to
+        bind options (e.g. ``lrj.attention.s2_attention`` with ``group_size``).
+      initializer_range: std of the normal init of new kernels and embeddings.
+    """
+
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 100000.0
+    rope_scaling_factor: float = 1.0
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat: bool = False
+    remat_policy: str | None = None
+    attention_fn: AttentionFn | None = None
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of "
+                f"`num_key_value_heads` ({self.num_key_value_heads})")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) is not divisible by `num_attention_heads` "
+                f"({self.num_attention_heads}); set `head_dim` explicitly")
+        if self.resolved_head_dim % 2:
+            raise ValueError(f"RoPE needs an even head dim, got {self.resolved_head_dim}")
+        if self.rope_scaling_factor <= 0:
+            raise ValueError(f"`rope_scaling_factor` must be positive, got {self.rope_scaling_factor}")
+        if self.remat_policy is not None and not hasattr(jax.checkpoint_policies, self.remat_policy):
+            raise ValueError(
+                f"`remat_policy` {self.remat_policy!r} is not a member of jax.checkpoint_policies")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        """H: ``head_dim``, or ``hidden_size // num_attention_heads`` when unset."""
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    def replace(self, **changes) -> LlamaConfig:
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def tiny(cls, **changes) -> LlamaConfig:
+        """A 2-layer, 64-wide config with GQA 4/2 heads for tests and examples."""
+        base = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
+                    max_position_embeddings=256)
+        base.update(changes)
+        return cls(**base)
+
+    @classmethod
+    def from_gguf_metadata(cls, metadata: Mapping[str, Any], **overrides) -> LlamaConfig:
+        """Builds a config from GGUF key/value metadata (llama.cpp key names).
+
+        Args:
+          metadata: ``{key: value}`` as read by
+            :func:`lowrank_jax.io.gguf.read_metadata`, e.g. ``"llama.block_count"``.
+          **overrides: fields to set explicitly (``dtype``, ``scan_layers``,
+            ``tie_word_embeddings``, ...). A GGUF file states tied embeddings only by
+            lacking an ``output.weight`` tensor, so the loader passes that here.
+
+        Raises:
+          ValueError: an architecture other than the LLaMA family, partial rotary
+            embeddings, or an unsupported RoPE scaling type.
+        """
+        arch = metadata.get("general.architecture", "llama")
+        if arch not in ("llama", "mistral"):
+            raise ValueError(f"GGUF architecture {arch!r} is not a LLaMA-family decoder")
+
+        def get(key, default=None):
+            value = metadata.get(f"{arch}.{key}", default)
+            if value is None:
+                raise ValueError(f"GGUF metadata lacks the required key {arch}.{key!s}")
+            return value
+
+        heads = int(get("attention.head_count"))
+        hidden = int(get("embedding_length"))
+        head_dim = int(metadata.get(f"{arch}.attention.key_length", hidden // heads))
+        rope_dim = int(metadata.get(f"{arch}.rope.dimension_count", head_dim))
+        if rope_dim != head_dim:
+            raise ValueError(f"partial rotary embeddings are not supported "
+                             f"(rope.dimension_count={rope_dim}, head_dim={head_dim})")
+        scaling_type = metadata.get(f"{arch}.rope.scaling.type", "none")
+        factor = float(metadata.get(f"{arch}.rope.scaling.factor", 1.0) or 1.0)
+        if scaling_type not in ("none", "linear") and factor != 1.0:
+            raise ValueError(f"RoPE scaling type {scaling_type!r} is not supported (only 'linear')")
+        vocab = metadata.get(f"{arch}.vocab_size")
+        if vocab is None:
+            vocab = len(metadata["tokenizer.ggml.tokens"])
+        fields = dict(
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")),
+            num_hidden_layers=int(get("block_count")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(metadata.get(f"{arch}.attention.head_count_kv", heads)),
+            head_dim=None if head_dim * heads == hidden else head_dim,
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(metadata.get(f"{arch}.rope.freq_base", 10000.0)),
+            rope_scaling_factor=factor if scaling_type == "linear" else 1.0,
+            max_position_embeddings=int(metadata.get(f"{arch}.context_length", 2048)),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * scale``, normalised in float32 (as transformers)."""
+
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float,
+                 scaling_factor: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """Rotary tables ``cos, sin`` of shape ``positions.shape + (head_dim,)`` in float32.
+
+    .. math:: \\omega_j = \\theta^{-2j/H} / s, \\quad
+              \\mathrm{emb} = [p\\,\\omega, p\\,\\omega]
+
+    in transformers' "rotate_half" layout (both halves carry the same
+    frequencies), with ``s`` the linear position-interpolation factor.
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    inv_freq = inv_freq / scaling_factor
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates ``x (BTNH)`` by tables ``(BTH)``: ``x cos + rotate_half(x) sin``."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def _dense(config: LlamaConfig, features: int, name: str) -> nn.Dense:
+    return nn.Dense(features, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype,
+                    kernel_init=nn.initializers.normal(config.initializer_range), name=name)
+
+
+def _missing_cache():
+    raise ValueError("decode=True needs a KV cache: pass variables {'params': ..., "
+                     "'cache': init_cache(config, batch, max_length)} and mutable=['cache']")
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query self-attention with RoPE and an optional KV cache."""
+
+    config: LlamaConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, cos, sin, key_mask, cache_index):
+        c = self.config
+        n, k_heads, h = c.num_attention_heads, c.num_key_value_heads, c.resolved_head_dim
+        b, t, _ = x.shape
+        q = _dense(c, n * h, "q_proj")(x).reshape(b, t, n, h)
+        k = _dense(c, k_heads * h, "k_proj")(x).reshape(b, t, k_heads, h)
+        v = _dense(c, k_heads * h, "v_proj")(x).reshape(b, t, k_heads, h)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attention_fn = c.attention_fn or jax.nn.dot_product_attention
+
+        if self.decode:
+            cached_k = self.variable("cache", "key", _missing_cache)
+            cached_v = self.variable("cache", "value", _missing_cache)
+            zero = jnp.zeros((), jnp.int32)
+            k = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype),
+                                             (zero, cache_index, zero, zero))
+            v = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype),
+                                             (zero, cache_index, zero, zero))
+            cached_k.value, cached_v.value = k, v
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+            q_slot = cache_index + jnp.arange(t)
+            mask = jnp.arange(k.shape[1])[None, :] <= q_slot[:, None]        # [T, S]
+            mask = mask[None, None]
+            if key_mask is not None:
+                mask = mask & key_mask[:, None, None, :].astype(bool)
+            out = attention_fn(q, k, v, mask=mask)
+        elif key_mask is None:
+            out = attention_fn(q, k, v, is_causal=True)
+        else:
+            mask = jnp.tril(jnp.ones((t, t), bool))[None, None] & key_mask[:, None, None, :].astype(bool)
+            out = attention_fn(q, k, v, mask=mask)
+        return _dense(c, c.hidden_size, "o_proj")(out.reshape(b, t, n * h))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        gate = _dense(c, c.intermediate_size, "gate_proj")(x)
+        up = _dense(c, c.intermediate_size, "up_proj")(x)
+        return _dense(c, c.hidden_size, "down_proj")(nn.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
+
+    Returns ``(x, None)`` so the same class works as an ``nn.scan`` body.
+    """
+
+    config: LlamaConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, cos, sin, key_mask, cache_index):
+        c = self.config
+        norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
+        h = LlamaAttention(c, decode=self.decode, name="self_attn")(
+            norm(name="input_layernorm")(x), cos, sin, key_mask, cache_index)
+        x = x + h
+        x = x + LlamaMLP(c, name="mlp")(norm(name="post_attention_layernorm")(x))
+        return x, None
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only LM returning next-token logits ``[B, T, V]`` (in ``config.dtype``).
+
+    Call signature: ``model.apply({"params": p}, input_ids, positions=None,
+    attention_mask=None, decode=False)``.
+
+    Args (of ``__call__``):
+      input_ids: ``[B, T]`` integer token ids.
+      positions: ``[B, T]`` RoPE positions; default ``arange(T)`` (or, when
+        decoding, the cache slot of each token).
+      attention_mask: ``[B, T]`` (``[B, S]`` over the cache slots when decoding),
+        1 for real tokens, 0 for padding keys. ``None`` is a plain causal mask.
+      decode: read and append to the KV cache (variables
+        ``{"cache": init_cache(...)}``, ``mutable=["cache"]``).
+    """
+
+    config: LlamaConfig
+
+    def _block(self, decode: bool):
+        c = self.config
+        block = LlamaDecoderLayer
+        if c.remat:
+            policy = getattr(jax.checkpoint_policies, c.remat_policy) if c.remat_policy else None
+            block = nn.remat(block, prevent_cse=not c.scan_layers, policy=policy)
+        if c.scan_layers:
+            block = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+                            split_rngs={"params": True, "dropout": True},
+                            in_axes=(nn.broadcast,) * 4, length=c.num_hidden_layers)
+        return functools.partial(block, c, decode=decode)
+
+    @nn.compact
+    def __call__(self, input_ids, positions=None, attention_mask=None, decode: bool = False):
+        c = self.config
+        if input_ids.ndim != 2:
+            raise ValueError(f"`input_ids` must be [B, T], got shape {input_ids.shape}")
+        b, t = input_ids.shape
+        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
+                         embedding_init=nn.initializers.normal(c.initializer_range),
+                         name="embed_tokens")
+        x = embed(input_ids)
+
+        cache_index = None
+        if decode:
+            index = self.variable("cache", "index", _missing_cache)
+            cache_index = index.value
+            index.value = cache_index + t
+        if positions is None:
+            positions = jnp.arange(t)[None, :] + (0 if cache_index is None else cache_index)
+            positions = jnp.broadcast_to(positions, (b, t))
+        cos, sin = rope_cos_sin(positions, c.resolved_head_dim, c.rope_theta, c.rope_scaling_factor)
+
+        block = self._block(decode)
+        if c.scan_layers:
+            x, _ = block(name="layers")(x, cos, sin, attention_mask, cache_index)
+        else:
+            for i in range(c.num_hidden_layers):
+                x, _ = block(name=f"layers_{i}")(x, cos, sin, attention_mask, cache_index)
+
+        x = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="norm")(x)
+        if c.tie_word_embeddings:
+            return embed.attend(x)
+        return _dense(c, c.vocab_size, "lm_head")(x)
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def stack_layers(params: Mapping[str, Any], num_layers: int) -> dict:
+    """``layers_{i}/...`` leaves -> one ``layers/...`` tree stacked on axis 0 (scan layout).
+
+    Returns a new dict; the input is not modified.
+    """
+    params = dict(params)
+    missing = [i for i in range(num_layers) if f"layers_{i}" not in params]
+    if missing:
+        raise ValueError(f"params lack blocks {missing}; top-level keys: {sorted(params)}")
+    blocks = [params.pop(f"layers_{i}") for i in range(num_layers)]
+    params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+    return params
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict:
+    """Inverse of :func:`stack_layers`: ``layers/...`` ``[L, ...]`` -> ``layers_{i}/...``."""
+    params = dict(params)
+    if "layers" not in params:
+        raise ValueError(f"params have no stacked 'layers' entry; top-level keys: {sorted(params)}")
+    stacked = params.pop("layers")
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(num_layers):
+        params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return params
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype: Any = None) -> dict:
+    """An empty KV cache for ``decode=True``: ``{"index", "layers_{i}" | "layers"}``.
+
+    Keys and values are ``[B, S, K, H]`` per block (``[L, B, S, K, H]`` under
+    scan), in ``dtype`` (default ``config.dtype``); ``index`` is the next slot.
+    """
+    dtype = dtype or config.dtype
+    shape = (batch_size, max_length, config.num_key_value_heads, config.resolved_head_dim)
+    if config.scan_layers:
+        shape = (config.num_hidden_layers,) + shape
+    kv = lambda: {"self_attn": {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}}
+    cache = {"index": jnp.zeros((), jnp.int32)}
+    if config.scan_layers:
+        cache["layers"] = kv()
+    else:
+        cache.update({f"layers_{i}": kv() for i in range(config.num_hidden_layers)})
+    return cache
+
+
+def _sample(logits, key, temperature, top_k):
+    logits = logits.astype(jnp.float32)
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k"))
+def _generate(model, params, prompt, prompt_mask, key, eos_token_id, pad_token_id, *,
+              max_new_tokens, temperature, top_k):
+    b, p = prompt.shape
+    total = p + max_new_tokens
+    cache = init_cache(model.config, b, total)
+    key_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, max_new_tokens), prompt_mask.dtype)], 1)
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
+    logits, state = model.apply({"params": params, "cache": cache}, prompt, positions=positions,
+                                attention_mask=key_mask, decode=True, mutable=["cache"])
+    key, sub = jax.random.split(key)
+    token = _sample(logits[:, -1], sub, temperature, top_k)
+    done = token == eos_token_id
+    next_pos = positions[:, -1] + 1
+
+    def step(carry, slot):
+        cache, token, pos, key_mask, done, key = carry
+        key_mask = jax.lax.dynamic_update_slice(key_mask, jnp.ones((b, 1), key_mask.dtype),
+                                                (jnp.zeros((), jnp.int32), slot))
+        logits, state = model.apply({"params": params, "cache": cache}, token[:, None],
+                                    positions=pos[:, None], attention_mask=key_mask, decode=True,
+                                    mutable=["cache"])
+        key, sub = jax.random.split(key)
+        new = _sample(logits[:, -1], sub, temperature, top_k)
+        new = jnp.where(done, pad_token_id, new)
+        done = done | (new == eos_token_id)
+        return (state["cache"], new, pos + 1, key_mask, done, key), new
+
+    slots = p + jnp.arange(max_new_tokens - 1, dtype=jnp.int32)
+    _, rest = jax.lax.scan(step, (state["cache"], token, next_pos, key_mask, done, key), slots)
+    return jnp.concatenate([token[:, None], rest.T], axis=1)
+
+
+def generate(model: LlamaForCausalLM, params, prompts: Sequence[Sequence[int]] | np.ndarray, *,
+             max_new_tokens: int, eos_token_id: int | None = None, pad_token_id: int = 0,
+             temperature: float = 0.0, top_k: int | None = None,
+             key: jax.Array | None = None) -> np.ndarray:
+    """Greedy (``temperature=0``) or sampled continuation with a KV cache.
+
+    Prompts of different lengths are left-padded; their RoPE positions start at
+    0 at each prompt's first real token and padding keys are masked, so each
+    row decodes as if alone. One jitted program runs the prefill and a
+    ``lax.scan`` over the new tokens (fixed shapes; recompiles only for a new
+    batch size, prompt length or ``max_new_tokens``).
+
+    Args:
+      model: a :class:`LlamaForCausalLM` (any ``scan_layers``/``remat`` setting).
+      params: its params (plain arrays; merge adapters first).
+      prompts: token-id lists, or a ``[B, P]`` array.
+      max_new_tokens: number of tokens to produce per row.
+      eos_token_id: stop token; after it a row produces ``pad_token_id``.
+      temperature: 0 for greedy, else softmax temperature for sampling.
+      top_k: sample only among the ``top_k`` most likely tokens.
+      key: PRNG key for sampling (``jax.random.key``); default ``key(0)``.
+
+    Returns:
+      ``[B, max_new_tokens]`` int32 numpy array of the new tokens (prompt excluded).
+    """
+    if max_new_tokens <= 0:
+        raise ValueError(f"`max_new_tokens` must be positive, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"`temperature` must be >= 0, got {temperature}")
+    rows = [list(map(int, r)) for r in np.asarray(prompts).reshape(-1, np.shape(prompts)[-1])] \
+        if isinstance(prompts, np.ndarray) else [list(map(int, r)) for r in prompts]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(r) for r in rows)
+    prompt = np.full((len(rows), width), pad_token_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        prompt[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    key = jax.random.key(0) if key is None else key
+    eos = -1 if eos_token_id is None else int(eos_token_id)
+    out = _generate(model, params, jnp.asarray(prompt), jnp.asarray(mask), key,
+                    jnp.int32(eos), jnp.int32(pad_token_id), max_new_tokens=int(max_new_tokens),
+                    temperature=float(temperature), top_k=None if top_k is None else int(top_k))
+    return np.asarray(out)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _window_nll_sum(model, params, windows):
+    logits = model.apply({"params": params}, windows).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    target = windows[:, 1:]
+    return -jnp.take_along_axis(logp, target[..., None], axis=-1).sum()
+
+
+def mean_nll(model: LlamaForCausalLM, params, token_ids, *, window: int = 512,
+             batch_size: int = 4) -> float:
+    """Mean next-token negative log-likelihood (nats) over non-overlapping windows.
+
+    ``token_ids`` (1-D) is cut into ``len // window`` windows of ``window``
+    tokens (the ragged tail is dropped); each window predicts its tokens
+    ``1..window-1`` from its own prefix only.
+    """
+    ids = np.asarray(token_ids, dtype=np.int32).ravel()
+    if window < 2:
+        raise ValueError(f"`window` must be at least 2, got {window}")
+    n = len(ids) // window
+    if n == 0:
+        raise ValueError(f"need at least one window of {window} tokens, got {len(ids)} tokens")
+    windows = ids[: n * window].reshape(n, window)
+    total = 0.0
+    for start in range(0, n, batch_size):
+        total += float(_window_nll_sum(model, params, jnp.asarray(windows[start:start + batch_size])))
+    return total / (n * (window - 1))
+
+
+def perplexity(model: LlamaForCausalLM, params, token_ids, *, window: int = 512,
+               batch_size: int = 4) -> float:
+    """``exp(mean_nll(...))``: perplexity over non-overlapping windows (see :func:`mean_nll`)."""
+    return float(np.exp(mean_nll(model, params, token_ids, window=window, batch_size=batch_size)))
