@@ -109,7 +109,9 @@ def test_linen_compute_dtype_follows_layer():
     variables = model.init(jax.random.key(0), x)
     adapter = lrj.lora(rank=4, targets=".*/kernel")
     lp = randomize(adapter.init(jax.random.key(1), variables))
-    y = lrj.linen.apply(model, adapter, variables, lp, x)
+    with jax.numpy_dtype_promotion("strict"):  # no silent promotion inside the adapter branch
+        y = lrj.linen.apply(model, adapter, variables, lp, x)
+        jax.grad(lambda lp: jnp.sum(lrj.linen.apply(model, adapter, variables, lp, x).astype(jnp.float32)))(lp)
     assert y.dtype == jnp.bfloat16
     assert lp["params"]["kernel"]["a"].dtype == jnp.float32
     np.testing.assert_allclose(y.astype(jnp.float32), model.apply(adapter.merge(variables, lp), x).astype(jnp.float32), rtol=2e-2, atol=2e-2)
