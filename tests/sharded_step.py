@@ -104,7 +104,10 @@ def run(framework, mesh):
         state = jax.jit(opt.init)(lp)
         state_shardings = jax.tree.map(lambda a: a.sharding, state)
         batch = jax.device_put((x, target), NamedSharding(mesh, P("data", None)))
-        jitted = jax.jit(step, out_shardings=(lp_shardings, state_shardings, None))
+        params_shardings = jax.tree.map(lambda a: a.sharding, params)
+        batch_shardings = jax.tree.map(lambda a: a.sharding, batch)
+        jitted = jax.jit(step, in_shardings=(lp_shardings, state_shardings, params_shardings, batch_shardings, None),
+                         out_shardings=(lp_shardings, state_shardings, None))
         out = jitted(lp, state, params, batch, None)
         for _ in range(2):
             out = jitted(out[0], out[1], params, batch, None)
