@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank_jax.models.llama import dot_product_attention
+
 __all__ = ["BertConfig", "BertModel", "l2_normalize", "mean_pooling", "sentence_embeddings"]
 
 
@@ -116,9 +118,32 @@ class BertEmbeddings(nn.Module):
         return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
-def _layer_norm(c: BertConfig, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
-                        use_fast_variance=False, name=name)
+class LayerNorm(nn.Module):
+    """``(x - mean) / sqrt(var + eps) * scale + bias``, statistics in float32.
+
+    Written out (instead of ``nn.LayerNorm``) so a bf16 model has no implicit
+    bf16 -> f32 promotion (it runs under strict dtype promotion); params are
+    ``scale`` and ``bias`` like ``nn.LayerNorm``.
+    """
+
+    epsilon: float = 1e-12
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def _layer_norm(c: BertConfig, name: str) -> LayerNorm:
+    return LayerNorm(c.layer_norm_eps, c.dtype, c.param_dtype, name=name)
 
 
 def _dense(c: BertConfig, features: int, name: str) -> nn.Dense:
@@ -146,7 +171,7 @@ class BertSelfAttention(nn.Module):
                 jax.nn.softmax(logits.astype(jnp.float32)).astype(q.dtype), deterministic=False)
             out = jnp.einsum("bnts,bsnh->btnh", probs, v)
         else:
-            attention_fn = c.attention_fn or jax.nn.dot_product_attention
+            attention_fn = c.attention_fn or dot_product_attention
             out = attention_fn(q, k, v, mask=mask)
         return out.reshape(b, t, c.hidden_size)
 

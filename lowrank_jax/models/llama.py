@@ -59,6 +59,7 @@ __all__ = [
     "LlamaForCausalLM",
     "RMSNorm",
     "apply_rope",
+    "dot_product_attention",
     "generate",
     "init_cache",
     "mean_nll",
@@ -235,6 +236,18 @@ class LlamaConfig:
 # --------------------------------------------------------------------------- layers
 
 
+def dot_product_attention(query, key, value, *, mask=None, is_causal=False, **kwargs):
+    """The default ``attention_fn``: :func:`jax.nn.dot_product_attention` (GQA-aware).
+
+    Query ``(BTNH)``, key/value ``(BSKH)`` with ``N % K == 0``. jax promotes bf16
+    logits to float32 internally (``jnp.promote_types(bf16, f32)``), which strict
+    dtype promotion rejects, so that internal step runs under standard promotion;
+    inputs and output keep their dtype.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=is_causal, **kwargs)
+
+
 class RMSNorm(nn.Module):
     """``x / sqrt(mean(x^2) + eps) * scale``, normalised in float32 (as transformers)."""
 
@@ -300,7 +313,7 @@ class LlamaAttention(nn.Module):
         k = _dense(c, k_heads * h, "k_proj")(x).reshape(b, t, k_heads, h)
         v = _dense(c, k_heads * h, "v_proj")(x).reshape(b, t, k_heads, h)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        attention_fn = c.attention_fn or jax.nn.dot_product_attention
+        attention_fn = c.attention_fn or dot_product_attention
 
         if self.decode:
             cached_k = self.variable("cache", "key", _missing_cache)
@@ -475,19 +488,19 @@ def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype: Any
 
 
 def _sample(logits, key, temperature, top_k):
+    """Greedy where ``temperature == 0`` (a traced scalar), else top-k/temperature sampling."""
     logits = logits.astype(jnp.float32)
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if top_k is not None:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6), axis=-1)
+    return jnp.where(temperature > 0, sampled.astype(jnp.int32), greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k"))
-def _generate(model, params, prompt, prompt_mask, key, eos_token_id, pad_token_id, *,
-              max_new_tokens, temperature, top_k):
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "top_k"))
+def _generate(model, params, prompt, prompt_mask, key, eos_token_id, pad_token_id, temperature, *,
+              max_new_tokens, top_k):
     b, p = prompt.shape
     total = p + max_new_tokens
     cache = init_cache(model.config, b, total)
@@ -528,7 +541,8 @@ def generate(model: LlamaForCausalLM, params, prompts: Sequence[Sequence[int]] |
     0 at each prompt's first real token and padding keys are masked, so each
     row decodes as if alone. One jitted program runs the prefill and a
     ``lax.scan`` over the new tokens (fixed shapes; recompiles only for a new
-    batch size, prompt length or ``max_new_tokens``).
+    batch size, prompt length, ``max_new_tokens`` or ``top_k``, not for a new
+    temperature).
 
     Args:
       model: a :class:`LlamaForCausalLM` (any ``scan_layers``/``remat`` setting).
@@ -560,8 +574,8 @@ def generate(model: LlamaForCausalLM, params, prompts: Sequence[Sequence[int]] |
     key = jax.random.key(0) if key is None else key
     eos = -1 if eos_token_id is None else int(eos_token_id)
     out = _generate(model, params, jnp.asarray(prompt), jnp.asarray(mask), key,
-                    jnp.int32(eos), jnp.int32(pad_token_id), max_new_tokens=int(max_new_tokens),
-                    temperature=float(temperature), top_k=None if top_k is None else int(top_k))
+                    jnp.int32(eos), jnp.int32(pad_token_id), jnp.float32(temperature),
+                    max_new_tokens=int(max_new_tokens), top_k=None if top_k is None else int(top_k))
     return np.asarray(out)
 
 
@@ -569,11 +583,12 @@ def generate(model: LlamaForCausalLM, params, prompts: Sequence[Sequence[int]] |
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _window_nll_sum(model, params, windows):
+def _window_nll_sums(model, params, windows):
+    """``[B]`` summed next-token NLL of each window."""
     logits = model.apply({"params": params}, windows).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     target = windows[:, 1:]
-    return -jnp.take_along_axis(logp, target[..., None], axis=-1).sum()
+    return -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0].sum(axis=-1)
 
 
 def mean_nll(model: LlamaForCausalLM, params, token_ids, *, window: int = 512,
@@ -582,7 +597,8 @@ def mean_nll(model: LlamaForCausalLM, params, token_ids, *, window: int = 512,
 
     ``token_ids`` (1-D) is cut into ``len // window`` windows of ``window``
     tokens (the ragged tail is dropped); each window predicts its tokens
-    ``1..window-1`` from its own prefix only.
+    ``1..window-1`` from its own prefix only. Windows run ``batch_size`` at a
+    time through one jitted program (the last batch is padded, not recompiled).
     """
     ids = np.asarray(token_ids, dtype=np.int32).ravel()
     if window < 2:
@@ -591,9 +607,15 @@ def mean_nll(model: LlamaForCausalLM, params, token_ids, *, window: int = 512,
     if n == 0:
         raise ValueError(f"need at least one window of {window} tokens, got {len(ids)} tokens")
     windows = ids[: n * window].reshape(n, window)
+    batch_size = min(batch_size, n)
     total = 0.0
     for start in range(0, n, batch_size):
-        total += float(_window_nll_sum(model, params, jnp.asarray(windows[start:start + batch_size])))
+        batch = windows[start:start + batch_size]
+        real = len(batch)
+        if real < batch_size:   # pad the last batch (one compiled shape); padded rows are ignored
+            batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - real, axis=0)])
+        sums = _window_nll_sums(model, params, jnp.asarray(batch))
+        total += float(np.asarray(sums, np.float64)[:real].sum())
     return total / (n * (window - 1))
 
 
