@@ -1,0 +1,1 @@
+"""Runnable examples (``python -m lowrank_jax.examples.<name>``)."""
