@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import base
 
-__all__ = ["apply", "inject", "kernel_layouts", "SUFFIX"]
+__all__ = ["apply", "apply_base", "inject", "kernel_layouts", "SUFFIX"]
 
 #: Name suffix of the injected adapter entry next to a kernel.
 SUFFIX = "@adapter"
@@ -97,18 +97,35 @@ def _site_input(module, kind: str, args, kwargs, kernel):
     return jnp.transpose(x, x_perm), base.Site("linear", kernel, n_in, dtype), out_perm
 
 
-def _interceptor(adapter: base.Adapter):
+def _call_dense(module, method_name: str, args, kwargs, name: str, kernel):
+    """Runs the layer's own method on a dequantised copy of its kernel (exact Flax semantics)."""
+    params = {k: v for k, v in module.variables["params"].items() if not k.endswith(SUFFIX)}
+    params[name] = kernel
+    return module.clone(parent=None).apply({"params": params}, *args, method=method_name, **kwargs)
+
+
+def _interceptor(adapter: base.Adapter | None):
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         kind = _kind(module, context.method_name)
         if kind is None:
             return next_fun(*args, **kwargs)
         name = _param_name(module)
-        if not module.has_variable("params", name + SUFFIX):
+        if not module.has_variable("params", name):  # module.init: nothing to adapt yet
             return next_fun(*args, **kwargs)
-        y = next_fun(*args, **kwargs)
-        injected = dict(module.get_variable("params", name + SUFFIX))
         kernel = nn.meta.unbox(module.get_variable("params", name))
+        adapted = adapter is not None and module.has_variable("params", name + SUFFIX)
+        if tree_lib.is_quantized(kernel):
+            # Dequantise inside the call, in the compute dtype: under remat it is recomputed, never stored.
+            kernel = kernel.dequantize(module.dtype or kernel.dtype)
+            y = _call_dense(module, context.method_name, args, kwargs, name, kernel)
+        elif not adapted:
+            return next_fun(*args, **kwargs)
+        else:
+            y = next_fun(*args, **kwargs)
+        if not adapted:
+            return y
+        injected = dict(module.get_variable("params", name + SUFFIX))
         x, site, out_perm = _site_input(module, kind, args, kwargs, kernel)
         leaves = {k: v for k, v in injected.items() if k in adapter.leaf_names}
         path = "/".join(("params", *module.scope.path, name))
@@ -168,6 +185,15 @@ def apply(model: nn.Module, adapter: base.Adapter, variables, adapter_params, *a
     injected = inject(adapter, variables, adapter_params, dropout_rng=dropout_rng)
     with nn.intercept_methods(_interceptor(adapter)):
         return model.apply(injected, *args, **kwargs)
+
+
+def apply_base(model: nn.Module, variables, *args, **kwargs) -> Any:
+    """``model.apply`` on params whose kernels may be quantised (``lrj.quant``), with no adapter.
+
+    Each quantised kernel is dequantised inside its layer call, in the layer's compute dtype.
+    """
+    with nn.intercept_methods(_interceptor(None)):
+        return model.apply(variables, *args, **kwargs)
 
 
 def kernel_layouts(model: nn.Module, *args, method=None, **kwargs) -> dict[str, tree_lib.Layout]:

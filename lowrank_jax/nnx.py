@@ -30,7 +30,7 @@ from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import base
 from lowrank_jax.linen import _einsum_plan
 
-__all__ = ["AdapterParam", "apply", "kernel_layouts", "params"]
+__all__ = ["AdapterParam", "apply", "apply_base", "kernel_layouts", "params"]
 
 PREFIX = "lrj_"
 
@@ -79,13 +79,26 @@ def _site_input(module, kind: str, args, kwargs, kernel):
 
 
 def _run(module, kind: str, original, args, kwargs):
-    y = original(module, *args, **kwargs)
+    name = _kernel_name(module)
+    var = getattr(module, name)
+    kernel = var.get_value()
+    if tree_lib.is_quantized(kernel):
+        # Dequantise inside the call, in the compute dtype: under remat it is recomputed, never stored.
+        dense = kernel.dequantize(module.dtype or kernel.dtype)
+        var.set_value(dense)
+        try:
+            y = original(module, *args, **kwargs)
+        finally:
+            var.set_value(kernel)
+        kernel = dense
+    else:
+        y = original(module, *args, **kwargs)
+    if not module._lrj_adapted:
+        return y
     token, path = module._lrj_token, module._lrj_path
     adapter = _ACTIVE.get().get(token)
     if adapter is None:
         raise RuntimeError(f"adapted layer {path!r} was called outside lrj.nnx.apply")
-    name = _kernel_name(module)
-    kernel = getattr(module, name)[...]
     leaves = {n: getattr(module, PREFIX + n)[...] for n in adapter.leaf_names}
     key_var = getattr(module, PREFIX + "dropout_key", None)
     x, site, out_perm = _site_input(module, kind, args, kwargs, kernel)
@@ -96,6 +109,8 @@ def _run(module, kind: str, original, args, kwargs):
 
 
 def _adapted_class(cls: type) -> type:
+    if cls in _CLASSES.values():
+        return cls
     if cls not in _CLASSES:
         namespace = {}
         if issubclass(cls, fnnx.Embed):
@@ -116,12 +131,20 @@ def _active(token: int, adapter):
         _ACTIVE.reset(reset)
 
 
-def adapted_copy(model, adapter: base.Adapter, adapter_params, *, dropout_rng=None):
-    """``(copy, token)``: a copy of ``model`` whose targeted layers run the adapter."""
+def adapted_copy(model, adapter: base.Adapter | None, adapter_params, *, dropout_rng=None):
+    """``(copy, token)``: a copy of ``model`` whose targeted layers run the adapter and whose
+    quantised kernels are dequantised inside their calls."""
     graphdef, state = fnnx.split(model)
     clone = fnnx.merge(graphdef, state, copy=True)
     modules = {tuple(p): m for p, m in fnnx.iter_modules(clone)}
     token = next(_TOKENS)
+    for path, module in modules.items():  # quantised kernels are dequantised in the call, adapted or not
+        name = _kernel_name(module)
+        if name is not None and tree_lib.is_quantized(getattr(module, name).get_value()):
+            module.__class__ = _adapted_class(type(module))
+            module._lrj_adapted, module._lrj_token, module._lrj_path = False, token, tree_lib.path_str((*path, name))
+    if adapter is None:
+        return clone, token
     targets = base.resolve_targets(adapter_params, params(clone), adapter.leaf_names)
     for i, (keys, path, kernel, leaves) in enumerate(targets):
         module = modules.get(tuple(keys[:-1]))
@@ -131,7 +154,7 @@ def adapted_copy(model, adapter: base.Adapter, adapter_params, *, dropout_rng=No
                 f"(found {type(module).__name__})"
             )
         module.__class__ = _adapted_class(type(module))
-        module._lrj_token, module._lrj_path = token, path
+        module._lrj_adapted, module._lrj_token, module._lrj_path = True, token, path
         for n, v in leaves.items():
             setattr(module, PREFIX + n, AdapterParam(v))
         if dropout_rng is not None and adapter.config.get("dropout", 0.0) > 0.0:
@@ -152,6 +175,12 @@ def apply(model, adapter: base.Adapter, adapter_params, *args, dropout_rng=None,
     clone, token = adapted_copy(model, adapter, adapter_params, dropout_rng=dropout_rng)
     with _active(token, adapter):
         return getattr(clone, method)(*args, **kwargs)
+
+
+def apply_base(model, *args, method: str = "__call__", **kwargs):
+    """Calls ``model`` whose kernels may be quantised (``lrj.quant``), with no adapter; ``model`` is unchanged."""
+    clone, _ = adapted_copy(model, None, None)
+    return getattr(clone, method)(*args, **kwargs)
 
 
 def kernel_layouts(model) -> dict[str, tree_lib.Layout]:

@@ -69,7 +69,7 @@ def trainable_summary(params, adapter_params) -> dict:
     ``all`` counts the base params plus the adapter's (as peft does).
     """
     trainable = tree_lib.num_params(adapter_params)
-    total = tree_lib.num_params(jax.tree.map(lambda x: x, params, is_leaf=tree_lib._is_variable)) + trainable
+    total = tree_lib.num_params([leaf for _, _, leaf in tree_lib.flatten_with_paths(params)]) + trainable
     return {
         "trainable_params": trainable,
         "all_params": total,

@@ -93,14 +93,28 @@ def _is_variable(x) -> bool:
     return hasattr(x, "get_value") and hasattr(x, "set_value")
 
 
+def is_quantized(x) -> bool:
+    """A quantised weight: a pytree node with ``shape``, ``dtype`` and ``dequantize(dtype)``.
+
+    The bridges dequantise such kernels inside the layer call (so under
+    ``remat`` the dense weight is recomputed, not stored) and treat them as one
+    leaf when selecting targets.
+    """
+    return callable(getattr(x, "dequantize", None)) and hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _is_leaf(x) -> bool:
+    return _is_variable(x) or is_quantized(x)
+
+
 def _unwrap(x):
     return x.get_value() if _is_variable(x) else x
 
 
 def flatten_with_paths(tree) -> list[tuple[tuple[Any, ...], str, Any]]:
-    """Leaves of ``tree`` as ``(keys, path, leaf)``; NNX Variables are unwrapped."""
+    """Leaves of ``tree`` as ``(keys, path, leaf)``; NNX Variables are unwrapped, quantised weights are leaves."""
     out = []
-    for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)[0]:
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)[0]:
         keys = tuple(_key_name(k) for k in keypath)
         out.append((keys, path_str(keys), _unwrap(leaf)))
     return out
@@ -237,7 +251,8 @@ def mask(adapter_params, names: Sequence[str]) -> Any:
 
 
 def num_params(tree) -> int:
-    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
+    """Number of scalars in ``tree``; a quantised weight counts as its logical (unquantised) size."""
+    return int(sum(np.prod(x.shape if is_quantized(x) else np.shape(x)) for x in jax.tree.leaves(tree, is_leaf=is_quantized)))
 
 
 def prod(xs: Sequence[int]) -> int:

@@ -176,6 +176,11 @@ def derive_layout(path: str, kernel_shape, a_shape, b_shape) -> tree_lib.Layout:
     return tree_lib.Layout(stack, inputs)
 
 
+def dense(w, dtype=jnp.float32):
+    """``w`` as a dense array of ``dtype``, dequantising a quantised weight (see ``lrj.tree.is_quantized``)."""
+    return w.dequantize(dtype) if tree_lib.is_quantized(w) else w.astype(dtype)
+
+
 def dense_delta(a, b, layout: tree_lib.Layout, kernel_shape, scale: float):
     """``scale * a b`` as a dense fp32 array of ``kernel_shape`` (merge/export only)."""
     stack, ins, outs = layout.split(kernel_shape)
@@ -220,4 +225,4 @@ def replace_leaves(params, new: dict[tuple, Any]):
             return value
         return leaf
 
-    return jax.tree_util.tree_map_with_path(swap, params, is_leaf=tree_lib._is_variable)
+    return jax.tree_util.tree_map_with_path(swap, params, is_leaf=tree_lib._is_leaf)

@@ -160,11 +160,11 @@ def lora(
         return out
 
     def merge_fn(params, adapter_params):
-        new = {k: (w.astype(jnp.float32) + d).astype(w.dtype) for k, (w, d) in _deltas(params, adapter_params).items()}
+        new = {k: (base.dense(w) + d).astype(w.dtype) for k, (w, d) in _deltas(params, adapter_params).items()}
         return base.replace_leaves(params, new)
 
     def unmerge_fn(params, adapter_params):
-        new = {k: (w.astype(jnp.float32) - d).astype(w.dtype) for k, (w, d) in _deltas(params, adapter_params).items()}
+        new = {k: (base.dense(w) - d).astype(w.dtype) for k, (w, d) in _deltas(params, adapter_params).items()}
         return base.replace_leaves(params, new)
 
     def penalty_fn(params, adapter_params):
