@@ -23,11 +23,11 @@ __all__ = ["main"]
 
 
 def _finetune_parser(sub) -> None:
-    from lowrank_jax.finetune import METHODS, TARGET_PRESETS, FinetuneConfig
+    from lowrank_jax.finetune import RECIPES, TARGET_PRESETS, FinetuneConfig
 
     d = FinetuneConfig()
     p = sub.add_parser("finetune", help="fine-tune SmolLM2-135M-Instruct on CPU (defaults: LoRA r=8 on all linear layers)")
-    p.add_argument("--method", default=d.method, help=f"one of {', '.join(METHODS)} (default {d.method})")
+    p.add_argument("--method", default=d.method, help=f"one of {', '.join(RECIPES)} (default {d.method})")
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--targets", default=d.targets,
@@ -70,8 +70,8 @@ def _cmd_generate(args) -> int:
     if args.max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.adapter:
-        adapter, lora_params, _, (model, _, params, tok) = restore_adapter(args.adapter)
-        params = adapter.merge({"params": params}, lora_params)["params"]
+        recipe, trainable, _, (_, _, _, tok) = restore_adapter(args.adapter)
+        model, params = recipe.eval_model, recipe.eval_params(trainable)
     else:
         model, _, params, tok = load_model(FinetuneConfig())
     text = _chat(args.prompt) if args.chat else args.prompt
@@ -116,8 +116,8 @@ def _cmd_merge(args) -> int:
 
     from lowrank_jax.finetune import UserError, restore_adapter
 
-    adapter, lora_params, _, (_, _, params, _) = restore_adapter(args.adapter)
-    merged = adapter.merge({"params": params}, lora_params)["params"]
+    recipe, trainable, _, _ = restore_adapter(args.adapter)
+    merged = recipe.eval_params(trainable)
     tensors = hf_state_dict(merged)
     output = pathlib.Path(args.output)
     if output.suffix != ".safetensors":

