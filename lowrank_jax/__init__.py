@@ -9,6 +9,8 @@ from lowrank_jax import linen as linen
 from lowrank_jax import nnx as nnx
 from lowrank_jax.adapters.base import Adapter as Adapter
 from lowrank_jax.adapters.base import Site as Site
+from lowrank_jax.adapters.dora import dora as dora
+from lowrank_jax.adapters.dora import weight_norms as dora_weight_norms
 from lowrank_jax.adapters.lora import lora as lora
 from lowrank_jax.adapters.lora import lora_scale as lora_scale
 from lowrank_jax.sharding import adapter_shardings as adapter_shardings
@@ -25,6 +27,8 @@ __all__ = [
     "Layout",
     "Site",
     "adapter_shardings",
+    "dora",
+    "dora_weight_norms",
     "labels",
     "linen",
     "lora",

@@ -53,7 +53,8 @@ def _first_arg(args, kwargs, name):
 
 def _einsum_plan(einsum_str: str, x_ndim: int):
     """For ``"x,k->o"``: the permutation moving ``x``'s contracted axes last (in kernel order),
-    the number of kernel input axes, and the permutation from the delta's axes to ``o``'s."""
+    the number of kernel input axes, the permutation from the delta's axes to ``o``'s, and the
+    permutation putting a bias's axes in kernel order (``None`` when already)."""
     spec = einsum_str.replace(" ", "")
     m = re.fullmatch(r"([a-zA-Z]+),([a-zA-Z]+)->([a-zA-Z]+)", spec)
     if not m:
@@ -70,7 +71,15 @@ def _einsum_plan(einsum_str: str, x_ndim: int):
     x_perm = [xs.index(c) for c in rest] + [xs.index(c) for c in ins]
     delta_letters = rest + outs
     out_perm = [delta_letters.index(c) for c in os_]
-    return x_perm, len(ins), out_perm
+    bias_letters = [c for c in os_ if c in outs]  # a bias has the kernel's output axes in output order
+    bias_perm = [bias_letters.index(c) for c in outs]
+    return x_perm, len(ins), out_perm, (None if bias_perm == sorted(bias_perm) else bias_perm)
+
+
+def _bias(module):
+    if getattr(module, "use_bias", False) and module.has_variable("params", "bias"):
+        return nn.meta.unbox(module.get_variable("params", "bias"))
+    return None
 
 
 def _site_input(module, kind: str, args, kwargs, kernel):
@@ -81,20 +90,23 @@ def _site_input(module, kind: str, args, kwargs, kernel):
         x = _first_arg(args, kwargs, "inputs" if kind == "lookup" else "query")
         return x, base.Site(kind, kernel, 1, dtype), None
     x = _first_arg(args, kwargs, "inputs")
+    bias = _bias(module)
     if isinstance(module, nn.Dense):
-        return x, base.Site("linear", kernel, 1, dtype), None
+        return x, base.Site("linear", kernel, 1, dtype, bias), None
     if isinstance(module, nn.DenseGeneral):
         if tuple(module.batch_dims):
             raise NotImplementedError("LoRA on nn.DenseGeneral with batch_dims is not supported")
         axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
         axis = tuple(a % x.ndim for a in axis)
         x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
-        return x, base.Site("linear", kernel, len(axis), dtype), None
+        return x, base.Site("linear", kernel, len(axis), dtype, bias), None
     einsum_str = module.einsum_str if module.einsum_str is not None else (args[1] if len(args) > 1 else kwargs["einsum_str"])
-    x_perm, n_in, out_perm = _einsum_plan(einsum_str, x.ndim)
+    x_perm, n_in, out_perm, bias_perm = _einsum_plan(einsum_str, x.ndim)
+    if bias is not None and bias_perm is not None:
+        bias = jnp.transpose(bias, bias_perm)
     if out_perm == sorted(out_perm):
         out_perm = None
-    return jnp.transpose(x, x_perm), base.Site("linear", kernel, n_in, dtype), out_perm
+    return jnp.transpose(x, x_perm), base.Site("linear", kernel, n_in, dtype, bias), out_perm
 
 
 def _call_dense(module, method_name: str, args, kwargs, name: str, kernel):

@@ -63,19 +63,22 @@ def _site_input(module, kind: str, args, kwargs, kernel):
     x = args[0] if args else next(iter(kwargs.values()))
     if kind in ("lookup", "attend"):
         return x, base.Site(kind, kernel, 1, dtype), None
+    bias = module.bias[...] if getattr(module, "bias", None) is not None else None
     if isinstance(module, fnnx.Linear):
-        return x, base.Site("linear", kernel, 1, dtype), None
+        return x, base.Site("linear", kernel, 1, dtype, bias), None
     if isinstance(module, fnnx.LinearGeneral):
         if module.batch_axis:
             raise NotImplementedError("LoRA on nnx.LinearGeneral with batch_axis is not supported")
         axis = tuple(a % x.ndim for a in module.axis)
         x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
-        return x, base.Site("linear", kernel, len(axis), dtype), None
+        return x, base.Site("linear", kernel, len(axis), dtype, bias), None
     einsum_str = module.einsum_str if module.einsum_str is not None else (args[1] if len(args) > 1 else kwargs["einsum_str"])
-    x_perm, n_in, out_perm = _einsum_plan(einsum_str, x.ndim)
+    x_perm, n_in, out_perm, bias_perm = _einsum_plan(einsum_str, x.ndim)
+    if bias is not None and bias_perm is not None:
+        bias = jnp.transpose(bias, bias_perm)
     if out_perm == sorted(out_perm):
         out_perm = None
-    return jnp.transpose(x, x_perm), base.Site("linear", kernel, n_in, dtype), out_perm
+    return jnp.transpose(x, x_perm), base.Site("linear", kernel, n_in, dtype, bias), out_perm
 
 
 def _run(module, kind: str, original, args, kwargs):

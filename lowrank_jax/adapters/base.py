@@ -34,12 +34,15 @@ class Site(NamedTuple):
     kernel: the per-call kernel, ``[*inputs, *outputs]`` (scan axes already sliced off).
     inputs: number of input axes of ``kernel``.
     dtype: the layer's compute dtype, or ``None`` to promote the operands.
+    bias: the layer's bias with its axes in kernel output order, or ``None``
+      (DoRA rescales the output without it).
     """
 
     kind: str
     kernel: Any
     inputs: int
     dtype: Any = None
+    bias: Any = None
 
 
 class Adapter(NamedTuple):
