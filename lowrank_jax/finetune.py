@@ -344,7 +344,10 @@ def finetune(cfg: FinetuneConfig, *, loaded=None) -> dict:
 
     ppl_after = perplexity(recipe.eval_model, recipe.eval_params(lora_params), eval_ids, window=cfg.eval_window)
     log(f"perplexity after: {ppl_after:.3f} (before: {ppl_before:.3f})")
-    line_plot_png(out_dir / "loss.png", {"train loss": losses}, xs=list(range(1, len(losses) + 1)),
+    window = max(1, min(10, len(losses) // 5))
+    smoothed = [float(np.mean(losses[max(0, i + 1 - window): i + 1])) for i in range(len(losses))]
+    line_plot_png(out_dir / "loss.png", {"train loss": losses, f"mean of last {window}": smoothed},
+                  xs=list(range(1, len(losses) + 1)),
                   title=f"{cfg.method} r={cfg.rank} on smollm2-135m ({cfg.corpus})")
     median = float(np.median(step_times[1:] if len(step_times) > 1 else step_times)) if step_times else None
     summary = {
