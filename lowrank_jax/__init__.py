@@ -5,8 +5,11 @@ functions over Flax params pytrees; bridges (:mod:`lowrank_jax.linen`,
 :mod:`lowrank_jax.nnx`) run them in factored form inside unchanged models.
 """
 
+from lowrank_jax import attention as attention
 from lowrank_jax import linen as linen
+from lowrank_jax import longlora as longlora
 from lowrank_jax import nnx as nnx
+from lowrank_jax import quant as quant
 from lowrank_jax.adapters.base import Adapter as Adapter
 from lowrank_jax.adapters.base import Site as Site
 from lowrank_jax.adapters.dora import dora as dora
@@ -27,14 +30,17 @@ __all__ = [
     "Layout",
     "Site",
     "adapter_shardings",
+    "attention",
     "dora",
     "dora_weight_norms",
     "labels",
     "linen",
+    "longlora",
     "lora",
     "lora_scale",
     "make_train_step",
     "mask",
     "nnx",
+    "quant",
     "trainable_summary",
 ]

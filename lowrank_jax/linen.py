@@ -164,8 +164,8 @@ def inject(adapter: base.Adapter, variables, adapter_params, *, dropout_rng=None
         kernel = nn.meta.unbox(kernel)
         entry = dict(leaves)
         if dropout_rng is not None and adapter.config.get("dropout", 0.0) > 0.0:
-            layout = base.derive_layout(path, kernel.shape, leaves["a"].shape, leaves["b"].shape)
-            stack = tuple(kernel.shape[: layout.stack])
+            layout = base.derive_layout(path, tree_lib.shape_of(kernel), leaves["a"].shape, leaves["b"].shape)
+            stack = tuple(tree_lib.shape_of(kernel)[: layout.stack])
             k = jax.random.fold_in(dropout_rng, i)
             entry["dropout_key"] = jax.random.split(k, tree_lib.prod(stack)).reshape(stack) if stack else k
         entries[keys[:-1] + (keys[-1] + SUFFIX,)] = entry

@@ -161,8 +161,8 @@ def adapted_copy(model, adapter: base.Adapter | None, adapter_params, *, dropout
         for n, v in leaves.items():
             setattr(module, PREFIX + n, AdapterParam(v))
         if dropout_rng is not None and adapter.config.get("dropout", 0.0) > 0.0:
-            layout = base.derive_layout(path, kernel.shape, leaves["a"].shape, leaves["b"].shape)
-            stack = tuple(kernel.shape[: layout.stack])
+            layout = base.derive_layout(path, tree_lib.shape_of(kernel), leaves["a"].shape, leaves["b"].shape)
+            stack = tuple(tree_lib.shape_of(kernel)[: layout.stack])
             k = jax.random.fold_in(dropout_rng, i)
             setattr(module, PREFIX + "dropout_key",
                     AdapterParam(jax.random.split(k, tree_lib.prod(stack)).reshape(stack) if stack else k))

@@ -54,13 +54,13 @@ def adapter_shardings(params, adapter_params, shardings=None):
             sharding = getattr(kernel, "sharding", None)
         if sharding is None:
             raise ValueError(f"no sharding for {path!r}: pass arrays/ShapeDtypeStructs with shardings or `shardings=`")
-        layout = base.derive_layout(path, kernel.shape, leaves["a"].shape, leaves["b"].shape)
+        layout = base.derive_layout(path, tree_lib.shape_of(kernel), leaves["a"].shape, leaves["b"].shape)
         entry = {}
         for name in leaves:
             if not isinstance(sharding, NamedSharding):
                 entry[name] = sharding
                 continue
-            stack, ins, outs = layout.split(_spec_of(sharding, len(kernel.shape)))
+            stack, ins, outs = layout.split(_spec_of(sharding, len(tree_lib.shape_of(kernel))))
             if name == "a":
                 spec = (*stack, *ins, None)
             elif name == "b":

@@ -103,6 +103,13 @@ def is_quantized(x) -> bool:
     return callable(getattr(x, "dequantize", None)) and hasattr(x, "shape") and hasattr(x, "dtype")
 
 
+def shape_of(x) -> tuple[int, ...]:
+    """The logical shape of an array or a quantised weight (its stack axes, ``batch_shape``, in front)."""
+    if is_quantized(x):
+        return tuple(getattr(x, "batch_shape", ())) + tuple(x.shape)
+    return tuple(np.shape(x))
+
+
 def _is_leaf(x) -> bool:
     return _is_variable(x) or is_quantized(x)
 
@@ -175,7 +182,7 @@ def select_targets(
         dtype = getattr(leaf, "dtype", None)
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"target {path!r} must be a floating-point array, got {type(leaf).__name__} of dtype {dtype}")
-        shape = tuple(leaf.shape)
+        shape = shape_of(leaf)
         if callable(layouts):
             layout = layouts(path, leaf)
         else:
@@ -252,7 +259,7 @@ def mask(adapter_params, names: Sequence[str]) -> Any:
 
 def num_params(tree) -> int:
     """Number of scalars in ``tree``; a quantised weight counts as its logical (unquantised) size."""
-    return int(sum(np.prod(x.shape if is_quantized(x) else np.shape(x)) for x in jax.tree.leaves(tree, is_leaf=is_quantized)))
+    return int(sum(np.prod(shape_of(x)) for x in jax.tree.leaves(tree, is_leaf=is_quantized)))
 
 
 def prod(xs: Sequence[int]) -> int:

@@ -211,7 +211,7 @@ def resolve_targets(adapter_params, params, leaf_names: frozenset) -> list[tuple
                 f"params include {near}"
             )
         if "a" in leaves and "b" in leaves:
-            derive_layout(path, flat[keys].shape, leaves["a"].shape, leaves["b"].shape)
+            derive_layout(path, tree_lib.shape_of(flat[keys]), leaves["a"].shape, leaves["b"].shape)
         out.append((keys, path, flat[keys], leaves))
     return out
 

@@ -106,7 +106,7 @@ def dora(
             if keys[-1] in tree_lib.EMBEDDING_NAMES:
                 raise ValueError(f"DoRA supports linear layers only; {path!r} is an embedding")
             kernel = base.dense(flat[keys])
-            layout = base.derive_layout(path, kernel.shape, leaves["a"].shape, leaves["b"].shape)
+            layout = base.derive_layout(path, tree_lib.shape_of(kernel), leaves["a"].shape, leaves["b"].shape)
             axes = tuple(range(layout.stack, layout.stack + layout.inputs))
             m = jnp.sqrt(jnp.sum(jnp.square(kernel), axis=axes))  # B = 0: ||W||_c
             out[keys] = {**leaves, "m": m.astype(param_dtype or flat[keys].dtype)}
@@ -135,8 +135,8 @@ def dora(
     def _norms(params, adapter_params):
         out = {}
         for keys, path, kernel, leaves in base.resolve_targets(adapter_params, params, names):
-            layout = base.derive_layout(path, kernel.shape, leaves["a"].shape, leaves["b"].shape)
-            delta = base.dense_delta(leaves["a"], leaves["b"], layout, kernel.shape, scale_of(path, leaves["a"].shape[-1]))
+            layout = base.derive_layout(path, tree_lib.shape_of(kernel), leaves["a"].shape, leaves["b"].shape)
+            delta = base.dense_delta(leaves["a"], leaves["b"], layout, tree_lib.shape_of(kernel), scale_of(path, leaves["a"].shape[-1]))
             v = base.dense(kernel) + delta
             axes = tuple(range(layout.stack, layout.stack + layout.inputs))
             out[keys] = (kernel, v, jnp.sqrt(jnp.sum(v * v, axis=axes, keepdims=True)), leaves, axes)
@@ -161,9 +161,9 @@ def dora(
             )
         new = {}
         for keys, path, kernel, leaves in base.resolve_targets(adapter_params, params, names):
-            layout = base.derive_layout(path, kernel.shape, leaves["a"].shape, leaves["b"].shape)
+            layout = base.derive_layout(path, tree_lib.shape_of(kernel), leaves["a"].shape, leaves["b"].shape)
             axes = tuple(range(layout.stack, layout.stack + layout.inputs))
-            delta = base.dense_delta(leaves["a"], leaves["b"], layout, kernel.shape, scale_of(path, leaves["a"].shape[-1]))
+            delta = base.dense_delta(leaves["a"], leaves["b"], layout, tree_lib.shape_of(kernel), scale_of(path, leaves["a"].shape[-1]))
             n = _expand(jnp.asarray(norms[path], jnp.float32), axes)
             v = base.dense(kernel) * n / _expand(leaves["m"].astype(jnp.float32), axes)
             new[keys] = (v - delta).astype(kernel.dtype)
@@ -184,9 +184,9 @@ def weight_norms(adapter: base.Adapter, params, adapter_params) -> dict:
     cfg = adapter.config
     out = {}
     for keys, path, kernel, leaves in base.resolve_targets(adapter_params, params, adapter.leaf_names):
-        layout = base.derive_layout(path, kernel.shape, leaves["a"].shape, leaves["b"].shape)
+        layout = base.derive_layout(path, tree_lib.shape_of(kernel), leaves["a"].shape, leaves["b"].shape)
         r = leaves["a"].shape[-1]
         scale = lora_scale(r, tree_lib.first_match(cfg["alpha_pattern"], path, cfg["alpha"]), cfg["rslora"])
-        v = base.dense(kernel) + base.dense_delta(leaves["a"], leaves["b"], layout, kernel.shape, scale)
+        v = base.dense(kernel) + base.dense_delta(leaves["a"], leaves["b"], layout, tree_lib.shape_of(kernel), scale)
         out[path] = jnp.sqrt(jnp.sum(v * v, axis=tuple(range(layout.stack, layout.stack + layout.inputs))))
     return out

@@ -123,11 +123,11 @@ def lora(
         out = {}
         for k, t in zip(keys, found):
             r = rank_of(t.path)
-            stack, ins, outs = t.layout.split(t.leaf.shape)
+            stack, ins, outs = t.layout.split(tree_lib.shape_of(t.leaf))
             n_in, n_out = tree_lib.prod(ins), tree_lib.prod(outs)
             if r > min(n_in, n_out):
                 raise ValueError(
-                    f"rank {r} for {t.path!r} exceeds min(in, out) = min({n_in}, {n_out}) of its shape {tuple(t.leaf.shape)}"
+                    f"rank {r} for {t.path!r} exceeds min(in, out) = min({n_in}, {n_out}) of its shape {tuple(tree_lib.shape_of(t.leaf))}"
                 )
             dtype = param_dtype or t.leaf.dtype
             a_shape, b_shape = (*stack, *ins, r), (*stack, r, *outs)
@@ -154,9 +154,9 @@ def lora(
     def _deltas(params, adapter_params):
         out = {}
         for keys, path, kernel, leaves in base.resolve_targets(adapter_params, params, frozenset("ab")):
-            layout = base.derive_layout(path, kernel.shape, leaves["a"].shape, leaves["b"].shape)
+            layout = base.derive_layout(path, tree_lib.shape_of(kernel), leaves["a"].shape, leaves["b"].shape)
             scale = scale_of(path, leaves["a"].shape[-1])
-            out[keys] = (kernel, base.dense_delta(leaves["a"], leaves["b"], layout, kernel.shape, scale))
+            out[keys] = (kernel, base.dense_delta(leaves["a"], leaves["b"], layout, tree_lib.shape_of(kernel), scale))
         return out
 
     def merge_fn(params, adapter_params):
@@ -173,8 +173,8 @@ def lora(
         for _, path, kernel, leaves in base.resolve_targets(adapter_params, params, frozenset("ab")):
             a = base.replicated(leaves["a"].astype(jnp.float32))
             b = base.replicated(leaves["b"].astype(jnp.float32))
-            layout = base.derive_layout(path, kernel.shape, a.shape, b.shape)
-            stack = kernel.shape[: layout.stack]
+            layout = base.derive_layout(path, tree_lib.shape_of(kernel), a.shape, b.shape)
+            stack = tree_lib.shape_of(kernel)[: layout.stack]
             r = a.shape[-1]
             a2, b2 = a.reshape(*stack, -1, r), b.reshape(*stack, r, -1)
             ata = jnp.einsum("...ir,...is->...rs", a2, a2)

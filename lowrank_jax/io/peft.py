@@ -58,7 +58,7 @@ def llama_module_name(path: str, layer: int | None) -> str:
 
 def _targets(params, adapter_params, leaf_names=frozenset("ab")):
     for keys, path, kernel, leaves in base.resolve_targets(adapter_params, params, leaf_names):
-        layout = base.derive_layout(path, kernel.shape, leaves["a"].shape, leaves["b"].shape)
+        layout = base.derive_layout(path, tree_lib.shape_of(kernel), leaves["a"].shape, leaves["b"].shape)
         yield keys, path, kernel, leaves, layout
 
 
@@ -76,7 +76,7 @@ def save_peft(directory: str | os.PathLike, adapter: base.Adapter, params, adapt
     for keys, path, kernel, leaves, layout in _targets(params, adapter_params):
         a, b = np.asarray(leaves["a"], np.float32), np.asarray(leaves["b"], np.float32)
         r = a.shape[-1]
-        stack = tuple(kernel.shape[: layout.stack])
+        stack = tuple(tree_lib.shape_of(kernel)[: layout.stack])
         a2 = a.reshape(*stack, -1, r)
         b2 = b.reshape(*stack, r, -1)
         alpha = tree_lib.first_match(cfg["alpha_pattern"], path, scale_default)
@@ -138,10 +138,10 @@ def load_peft(directory: str | os.PathLike, params, *, layouts=None,
     # Every kernel of params with its torch module names, per stacked layer.
     by_name, kernels = {}, {}
     for keys, path, leaf in tree_lib.flatten_with_paths(params):
-        if keys[-1] not in ("kernel", *tree_lib.EMBEDDING_NAMES) or len(leaf.shape) < 2:
+        if keys[-1] not in ("kernel", *tree_lib.EMBEDDING_NAMES) or len(tree_lib.shape_of(leaf)) < 2:
             continue
         layout = tree_lib.select_targets(params, re.escape(path), layouts)[0].layout
-        kernels[keys] = tuple(leaf.shape[: layout.stack])
+        kernels[keys] = tree_lib.shape_of(leaf)[: layout.stack]
         for index in np.ndindex(*kernels[keys]) if kernels[keys] else [None]:
             layer = None if index is None else (index[0] if len(index) == 1 else "_".join(map(str, index)))
             try:
@@ -161,7 +161,7 @@ def load_peft(directory: str | os.PathLike, params, *, layouts=None,
             raise ValueError(f"{weights_path}: module {name!r} is not in these params (is this adapter from another model?); "
                              f"modules include {known}")
         keys, path, leaf, layout, index = by_name[name]
-        _, ins, outs = layout.split(leaf.shape)
+        _, ins, outs = layout.split(tree_lib.shape_of(leaf))
         r = ab["a"].shape[0]
         a = ab["a"].T.reshape(*ins, r)
         b = ab["b"].T.reshape(r, *outs)
