@@ -30,7 +30,7 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--method", default=d.method, help=f"one of {', '.join(RECIPES)} (default {d.method})")
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--alpha", type=float, default=d.alpha)
-    p.add_argument("--targets", default=d.targets,
+    p.add_argument("--targets", default=d.targets,  # longlora always adapts q/k/v/o
                    help=f"a preset ({', '.join(TARGET_PRESETS)}), a comma list of layer names (q_proj,v_proj), or a regex on param paths")
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--steps", type=int, default=d.steps)

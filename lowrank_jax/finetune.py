@@ -80,6 +80,9 @@ class FinetuneConfig:
             raise UserError(f"--lr and --alpha must be positive, got lr={self.lr}, alpha={self.alpha}")
         if not 0 <= self.dropout < 1:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.method == "longlora" and self.seq_len % 8:
+            raise UserError(f"--method longlora needs --seq-len divisible by 8 (group = seq_len / 4, shifted by half), "
+                            f"got {self.seq_len}")
 
 
 def resolve_targets(targets: str) -> str:
@@ -144,8 +147,53 @@ def lora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
                   optimizer, {"adapter": adapter.config})
 
 
+def qlora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
+    """QLoRA: every linear kernel stored as NF4 with double quantisation (block 64, ~4.13 bits),
+    dequantised inside each layer call, LoRA on ``--targets`` in full precision.
+
+    Dettmers et al, `QLoRA <https://arxiv.org/abs/2305.14314>`_, 2023.
+    """
+    from lowrank_jax import linen, quant
+
+    layouts = linen.kernel_layouts(model, jnp.zeros((1, 8), jnp.int32))
+    qvariables = quant.quantize_params({"params": params}, resolve_targets("all-linear"),
+                                       stack_axes=lambda path, leaf: layouts[path].stack)
+    inner = lora_recipe(cfg, model, qvariables["params"])
+    merged_dense = lambda lp: quant.dequantize_params(inner.eval_params(lp), jnp.float32)  # noqa: E731
+    return inner._replace(eval_params=merged_dense, config={**inner.config, "quantization": "nf4, double quant, block 64"})
+
+
+def longlora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
+    """LongLoRA: S2-Attn during training (full attention for evaluation), RoPE position
+    interpolation when ``--seq-len`` exceeds the trained context, LoRA on q/k/v/o plus
+    trainable embeddings and norms (``--targets`` is not used).
+
+    Chen et al, `LongLoRA <https://arxiv.org/abs/2309.12307>`_, 2023.
+    """
+    from lowrank_jax import linen, longlora
+    from lowrank_jax.models.llama import LlamaForCausalLM
+
+    train_config, eval_config = longlora.configure(model.config, cfg.seq_len)
+    train_model, eval_model = LlamaForCausalLM(train_config), LlamaForCausalLM(eval_config)
+    variables = {"params": params}
+    rec = longlora.recipe(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+                          layouts=linen.kernel_layouts(train_model, jnp.zeros((1, 8), jnp.int32)))
+    trainable = rec.init(jax.random.key(cfg.seed), variables)
+
+    def loss_fn(trainable, variables, batch, rng):
+        logits = rec.apply(train_model, variables, trainable, batch[:, :-1], dropout_rng=rng)
+        return cross_entropy(logits, batch[:, 1:])
+
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule(cfg), weight_decay=0.0))
+    return Recipe(trainable, variables, loss_fn, lambda tr: rec.merge(variables, tr)["params"], eval_model, optimizer,
+                  {"adapter": rec.adapter.config, "longlora": {"group_size_ratio": 0.25,
+                                                               "rope_scaling_factor": train_config.rope_scaling_factor}})
+
+
 #: method name -> recipe builder ``(cfg, model, params) -> Recipe``
-RECIPES: dict[str, Callable[..., Recipe]] = {"lora": lora_recipe, "rslora": lora_recipe}
+RECIPES: dict[str, Callable[..., Recipe]] = {
+    "lora": lora_recipe, "rslora": lora_recipe, "qlora": qlora_recipe, "longlora": longlora_recipe,
+}
 
 
 class Progress:
@@ -313,7 +361,8 @@ def finetune(cfg: FinetuneConfig, *, loaded=None) -> dict:
 
     eval_ids = heldout_ids[: (len(heldout_ids) // cfg.eval_window) * cfg.eval_window]
     log(f"perplexity on held-out text ({len(eval_ids):,d} tokens, windows of {cfg.eval_window}) ...")
-    ppl_before = perplexity(recipe.eval_model, params, eval_ids, window=cfg.eval_window)
+    # before training the adapted model is the base (B = 0), quantised for QLoRA
+    ppl_before = perplexity(recipe.eval_model, recipe.eval_params(recipe.trainable), eval_ids, window=cfg.eval_window)
     log(f"perplexity before: {ppl_before:.3f}")
 
     def save(step: int) -> None:

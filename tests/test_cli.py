@@ -75,7 +75,7 @@ def test_cli_info_merge_generate(tmp_path, loaded, capsys, monkeypatch):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["finetune", "--method", "foo"], "error: unknown method 'foo'; available: lora, rslora"),
+        (["finetune", "--method", "foo"], "error: unknown method 'foo'; available: lora, rslora, qlora, longlora"),
         (["finetune", "--rank", "0"], "error: --rank must be a positive integer, got 0"),
         (["finetune", "--dropout", "1.5"], r"error: --dropout must be in \[0, 1\), got 1.5"),
         (["info", "/nonexistent"], "error: /nonexistent is not a finetune output directory"),
@@ -124,3 +124,23 @@ def test_adapter_from_another_model_is_refused(tmp_path, loaded, capsys, monkeyp
     monkeypatch.setattr(ft, "load_model", lambda cfg: loaded)
     assert cli.main(["generate", "--prompt", "hi", "--adapter", str(run)]) == 2
     assert "does not fit SmolLM2-135M-Instruct" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["qlora", "longlora"])
+def test_other_methods_train_and_reload(tmp_path, loaded, method):
+    summary = ft.finetune(tiny(tmp_path, method=method, steps=2, seq_len=64), loaded=loaded)
+    assert len(summary["losses"]) == 2 and all(np.isfinite(summary["losses"]))
+    if method == "qlora":
+        assert summary["trainable_params"] == 2_442_240
+    else:
+        # q/k/v/o LoRA + the tied embedding + 61 RMSNorm scales
+        assert summary["trainable_params"] == 30 * 8 * (576 + 576 + 576 + 192 + 576 + 192 + 576 + 576) + 49152 * 576 + 61 * 576
+    recipe, trainable, config, _ = ft.restore_adapter(tmp_path / "run", loaded=loaded)
+    assert config["finetune"]["method"] == method
+    assert np.isfinite(float(jax.numpy.sum(recipe.eval_params(trainable)["norm"]["scale"])))
+
+
+def test_longlora_needs_seq_len_divisible_by_8(tmp_path, capsys):
+    assert cli.main(["finetune", "--method", "longlora", "--seq-len", "100", "--output-dir", str(tmp_path)]) == 2
+    assert "error: --method longlora needs --seq-len divisible by 8 (group = seq_len / 4, shifted by half), got 100" in capsys.readouterr().err
