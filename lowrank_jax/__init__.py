@@ -9,6 +9,7 @@ from lowrank_jax import attention as attention
 from lowrank_jax import linen as linen
 from lowrank_jax import longlora as longlora
 from lowrank_jax import nnx as nnx
+from lowrank_jax import optim as optim
 from lowrank_jax import quant as quant
 from lowrank_jax.adapters.base import Adapter as Adapter
 from lowrank_jax.adapters.base import Site as Site
@@ -41,6 +42,7 @@ __all__ = [
     "make_train_step",
     "mask",
     "nnx",
+    "optim",
     "quant",
     "trainable_summary",
 ]
