@@ -28,13 +28,13 @@ def _finetune_parser(sub) -> None:
     d = FinetuneConfig()
     p = sub.add_parser("finetune", help="fine-tune SmolLM2-135M-Instruct on CPU (defaults: LoRA r=8 on all linear layers)")
     p.add_argument("--method", default=d.method, help=f"one of {', '.join(RECIPES)} (default {d.method})")
-    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--rank", type=int, default=d.rank, help="default 8 (128 for galore)")
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--targets", default=d.targets,  # longlora always adapts q/k/v/o
                    help=f"a preset ({', '.join(TARGET_PRESETS)}), a comma list of layer names (q_proj,v_proj), or a regex on param paths")
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=d.lr, help="default 1e-3 (1e-4 for galore)")
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--output-dir", default=d.output_dir)
@@ -152,9 +152,10 @@ def _cmd_info(args) -> int:
     trainable = int(sum(np.prod(s) for _, s in shapes))
     total = config["base_params"] + trainable
     a = config["adapter"]
-    print(f"model: {config['model']}  step: {step}  method: {a['method']}  rank: {a['rank']}  alpha: {a['alpha']}  "
-          f"rslora: {a['rslora']}  dropout: {a['dropout']}")
-    print(f"targets: {a['targets']}  ({len(shapes) // 2} adapted parameters)")
+    shown = "  ".join(f"{k}: {a[k]}" for k in ("rank", "alpha", "rslora", "dropout", "update_proj_gap", "scale") if k in a)
+    print(f"model: {config['model']}  step: {step}  method: {config['finetune']['method']}  {shown}")
+    if "targets" in a:
+        print(f"targets: {a['targets']}  ({len(shapes) // 2} adapted parameters)")
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
     if args.verbose:
         for path, shape in shapes:

@@ -50,12 +50,12 @@ class FinetuneConfig:
     """Options of the main job (the command line's flags)."""
 
     method: str = "lora"
-    rank: int = 8
+    rank: int | None = None  # 8 (LoRA family), 128 (galore)
     alpha: float = 16.0
     targets: str = "all-linear"
     dropout: float = 0.05
     steps: int = 60
-    lr: float = 1e-3
+    lr: float | None = None  # 1e-3 (LoRA family), 1e-4 (galore)
     warmup: int = 5
     batch: int = 4
     seq_len: int = 128
@@ -72,6 +72,10 @@ class FinetuneConfig:
     def validate(self) -> None:
         if self.method not in RECIPES:
             raise UserError(f"unknown method {self.method!r}; available: {', '.join(RECIPES)}")
+        defaults = {"rank": 8, "lr": 1e-3, **METHOD_DEFAULTS.get(self.method, {})}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         for name in ("rank", "steps", "batch", "seq_len", "eval_tokens", "eval_window", "save_every", "max_to_keep"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -190,9 +194,37 @@ def longlora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
                                                                "rope_scaling_factor": train_config.rope_scaling_factor}})
 
 
+def galore_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
+    """GaLore: full-parameter training with gradients projected to rank ``--rank`` (default 128)
+    for the attention and MLP kernels (galore-torch's recipe: projector refreshed every 200 steps,
+    scale 0.25); embeddings and norms take plain AdamW. Checkpoints hold the whole model.
+
+    Zhao et al, `GaLore <https://arxiv.org/abs/2403.03507>`_, 2024.
+    """
+    from lowrank_jax import optim
+    from lowrank_jax.tree import Layout
+
+    trainable = jax.tree.map(jnp.copy, params)  # the train step donates it; the loaded base stays intact
+    stacked = "layers" in params
+    galore = optim.galore(schedule(cfg), rank=cfg.rank, update_proj_gap=200, scale=0.25,
+                          targets=r".*/(self_attn|mlp)/.*/kernel",
+                          dimension_numbers=Layout(1, 1) if stacked else None)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), galore)
+
+    def loss_fn(params, _frozen, batch, rng):
+        return cross_entropy(model.apply({"params": params}, batch[:, :-1]), batch[:, 1:])
+
+    return Recipe(trainable, {}, loss_fn, lambda p: p, model, optimizer,
+                  {"adapter": {"method": "galore", "rank": cfg.rank, "update_proj_gap": 200, "scale": 0.25}})
+
+
+#: Per-method defaults for options left unset (``None``) on the command line.
+METHOD_DEFAULTS = {"galore": {"rank": 128, "lr": 1e-4}}
+
 #: method name -> recipe builder ``(cfg, model, params) -> Recipe``
 RECIPES: dict[str, Callable[..., Recipe]] = {
     "lora": lora_recipe, "rslora": lora_recipe, "qlora": qlora_recipe, "longlora": longlora_recipe,
+    "galore": galore_recipe,
 }
 
 

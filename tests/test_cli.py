@@ -75,7 +75,7 @@ def test_cli_info_merge_generate(tmp_path, loaded, capsys, monkeypatch):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["finetune", "--method", "foo"], "error: unknown method 'foo'; available: lora, rslora, qlora, longlora"),
+        (["finetune", "--method", "foo"], "error: unknown method 'foo'; available: lora, rslora, qlora, longlora, galore"),
         (["finetune", "--rank", "0"], "error: --rank must be a positive integer, got 0"),
         (["finetune", "--dropout", "1.5"], r"error: --dropout must be in \[0, 1\), got 1.5"),
         (["info", "/nonexistent"], "error: /nonexistent is not a finetune output directory"),
@@ -127,12 +127,14 @@ def test_adapter_from_another_model_is_refused(tmp_path, loaded, capsys, monkeyp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["qlora", "longlora"])
+@pytest.mark.parametrize("method", ["qlora", "longlora", "galore"])
 def test_other_methods_train_and_reload(tmp_path, loaded, method):
     summary = ft.finetune(tiny(tmp_path, method=method, steps=2, seq_len=64), loaded=loaded)
     assert len(summary["losses"]) == 2 and all(np.isfinite(summary["losses"]))
     if method == "qlora":
         assert summary["trainable_params"] == 2_442_240
+    elif method == "galore":
+        assert summary["trainable_params"] == 134_515_008  # every parameter: full-parameter training
     else:
         # q/k/v/o LoRA + the tied embedding + 61 RMSNorm scales
         assert summary["trainable_params"] == 30 * 8 * (576 + 576 + 576 + 192 + 576 + 192 + 576 + 576) + 49152 * 576 + 61 * 576
