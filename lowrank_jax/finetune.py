@@ -153,7 +153,8 @@ def lora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
 
 def qlora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
     """QLoRA: every linear kernel stored as NF4 with double quantisation (block 64, ~4.13 bits),
-    dequantised inside each layer call, LoRA on ``--targets`` in full precision.
+    dequantised inside each layer call (and again in the backward pass: the blocks are
+    rematerialised), LoRA on ``--targets`` in full precision.
 
     Dettmers et al, `QLoRA <https://arxiv.org/abs/2305.14314>`_, 2023.
     """
@@ -162,7 +163,9 @@ def qlora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
     layouts = linen.kernel_layouts(model, jnp.zeros((1, 8), jnp.int32))
     qvariables = quant.quantize_params({"params": params}, resolve_targets("all-linear"),
                                        stack_axes=lambda path, leaf: layouts[path].stack)
-    inner = lora_recipe(cfg, model, qvariables["params"])
+    # remat: each layer's kernels are dequantised again in the backward pass instead of being kept
+    train_model = model.clone(config=model.config.replace(remat=True))
+    inner = lora_recipe(cfg, train_model, qvariables["params"])._replace(eval_model=model)
     merged_dense = lambda lp: quant.dequantize_params(inner.eval_params(lp), jnp.float32)  # noqa: E731
     return inner._replace(eval_params=merged_dense, config={**inner.config, "quantization": "nf4, double quant, block 64"})
 
