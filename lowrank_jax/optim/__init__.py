@@ -32,6 +32,7 @@ from lowrank_jax.optim.lora_fa import lora_fa as lora_fa
 from lowrank_jax.optim.lora_fa import lora_fa_labels as lora_fa_labels
 from lowrank_jax.optim.lora_fa import scale_by_lora_fa as scale_by_lora_fa
 from lowrank_jax.optim.lora_plus import lora_plus as lora_plus
+from lowrank_jax.optim.offload import host_offload as host_offload
 from lowrank_jax.optim.lora_plus import lora_plus_labels as lora_plus_labels
 from lowrank_jax.optim.lora_pro import lora_pro as lora_pro
 from lowrank_jax.optim.lora_pro import lora_pro_gradients as lora_pro_gradients
@@ -47,6 +48,7 @@ __all__ = [
     "adamw_hf",
     "add_decayed_weights_after_step",
     "galore",
+    "host_offload",
     "lora_fa",
     "lora_fa_labels",
     "lora_plus",
