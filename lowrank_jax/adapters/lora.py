@@ -24,7 +24,51 @@ from lowrank_jax.adapters import base
 
 __all__ = ["lora", "lora_scale"]
 
-_INITS = ("kaiming", "gaussian")
+_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<n>", "olora")
+
+
+def _parse_init(init: str) -> tuple[str, int | None]:
+    """``"pissa_niter_4"`` -> ``("pissa", 4)``; others -> ``(init, None)``."""
+    if isinstance(init, str) and init.startswith("pissa_niter_"):
+        niter = init.removeprefix("pissa_niter_")
+        if niter.isdigit():
+            return "pissa", int(niter)
+    return init, None
+
+
+def randomized_svd(key, w, rank: int, niter: int, oversample: int = 0):
+    """Rank-``rank`` truncated SVD ``U S Vh`` of ``w`` by subspace iteration (Halko et al, 2011):
+    ``Q = orth(w Omega)``, ``niter`` power iterations with re-orthonormalisation, then the
+    exact SVD of the small ``Q^T w``. ``torch.svd_lowrank``'s algorithm (peft's fast PiSSA)."""
+    m, n = w.shape
+    q = min(rank + oversample, m, n)
+    omega = jax.random.normal(key, (n, q), w.dtype)
+    basis, _ = jnp.linalg.qr(w @ omega)
+    for _ in range(niter):
+        z, _ = jnp.linalg.qr(w.T @ basis)
+        basis, _ = jnp.linalg.qr(w @ z)
+    u_small, s, vh = jnp.linalg.svd(basis.T @ w, full_matrices=False)
+    return (basis @ u_small)[:, :rank], s[:rank], vh[:rank]
+
+
+def _offset_factors(key, w2, r: int, scale: float, kind: str, niter: int | None):
+    """Factors ``(a [in, r], b [r, out])`` of a 2-D fp32 kernel for the offset inits.
+
+    PiSSA (Meng et al, `PiSSA <https://arxiv.org/abs/2404.02948>`_, 2024), as peft: with
+    ``W = U S V^T``, ``a = U_r sqrt(S_r / s)``, ``b = sqrt(S_r / s) V_r^T``, so ``s a b`` is the best
+    rank-r approximation of ``W``. OLoRA (Büyükakyüz, `OLoRA <https://arxiv.org/abs/2406.01775>`_,
+    2024), as peft: ``W^T = Q R`` (torch orientation), ``lora_A = R[:r]``, ``lora_B = Q[:, :r]``.
+    """
+    if kind == "olora":
+        q, rr = jnp.linalg.qr(w2.T)
+        return rr[:r].T, q[:, :r].T
+    if niter is None:
+        u, sv, vh = jnp.linalg.svd(w2, full_matrices=False)
+        u, sv, vh = u[:, :r], sv[:r], vh[:r]
+    else:
+        u, sv, vh = randomized_svd(key, w2, r, niter)
+    root = jnp.sqrt(sv / scale)
+    return u * root, root[:, None] * vh
 
 
 def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
@@ -77,7 +121,11 @@ def lora(
       rslora: use ``alpha / sqrt(r)``.
       dropout: probability of zeroing entries of ``x`` on the LoRA branch only;
         active only when the bridge is given a ``dropout_rng``.
-      init: ``"kaiming"`` or ``"gaussian"``.
+      init: ``"kaiming"``, ``"gaussian"``, or an offset init computed from ``W`` as in peft:
+        ``"pissa"`` (exact SVD), ``"pissa_niter_<n>"`` (randomized SVD with ``n``
+        power iterations), ``"olora"`` (QR). With an offset init ``s A B != 0`` at step 0:
+        train on the residual base ``adapter.unmerge(params, lora_params)`` (``W - s A B``),
+        which with the adapter reproduces ``W`` exactly.
       rank_pattern, alpha_pattern: ``{regex: value}`` overriding ``rank``/``alpha``
         for the paths a regex fullmatches (the first matching regex wins); unlike
         peft's key matching, they are full regexes on the same paths as ``targets``.
@@ -102,7 +150,8 @@ def lora(
     _check_positive("alpha", alpha)
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}")
-    if init not in _INITS:
+    init_kind, niter = _parse_init(init)
+    if init_kind not in ("kaiming", "gaussian", "pissa", "olora"):
         raise ValueError(f"`init` must be one of {_INITS}, got {init!r}")
     for pattern, r in (rank_pattern or {}).items():
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
@@ -131,6 +180,14 @@ def lora(
                 )
             dtype = param_dtype or t.leaf.dtype
             a_shape, b_shape = (*stack, *ins, r), (*stack, r, *outs)
+            if init_kind in ("pissa", "olora"):
+                if t.is_embedding:
+                    raise ValueError(f"init {init!r} is for linear kernels; {t.path!r} is an embedding")
+                w = base.dense(t.leaf).reshape(-1, n_in, n_out)
+                factors = jax.vmap(lambda w2, k2: _offset_factors(k2, w2, r, scale_of(t.path, r), init_kind, niter))
+                a, b = factors(w, jax.random.split(k, w.shape[0]))
+                out[t.keys] = {"a": a.reshape(a_shape).astype(dtype), "b": b.reshape(b_shape).astype(dtype)}
+                continue
             if t.is_embedding:
                 a = jnp.zeros(a_shape, dtype)
                 b = jax.random.normal(k, b_shape, jnp.float32).astype(dtype)
