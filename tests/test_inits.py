@@ -92,3 +92,18 @@ def test_offset_init_errors():
     params = {"params": {"emb": {"embedding": jnp.ones((10, 4))}}}
     with pytest.raises(ValueError, match="init 'pissa' is for linear kernels; 'params/emb/embedding' is an embedding"):
         lrj.lora(rank=2, targets=".*", init="pissa").init(jax.random.key(0), params)
+
+
+def test_export_to_plain_rank_2r_lora_on_the_original_base():
+    model = nn.Dense(16)
+    x = jax.random.normal(jax.random.key(0), (4, 24))
+    params = model.init(jax.random.key(1), x)
+    for rslora in (False, True):
+        adapter = lrj.lora(rank=4, alpha=8.0, targets=".*/kernel", init="pissa", rslora=rslora)
+        initial = adapter.init(jax.random.key(2), params)
+        residual = adapter.unmerge(params, initial)
+        trained = jax.tree.map(lambda v: v + 0.05 * jnp.sin(jnp.arange(v.size).reshape(v.shape)), initial)
+        exported, lp2 = lrj.adapters.lora.offset_to_plain_lora(adapter, params, initial, trained)
+        assert lp2["params"]["kernel"]["a"].shape == (24, 8) and exported.config["rank"] == 8
+        np.testing.assert_allclose(lrj.linen.apply(model, exported, params, lp2, x),
+                                   lrj.linen.apply(model, adapter, residual, trained, x), atol=3e-5)

@@ -13,6 +13,7 @@ recorded from peft (``tests/fixtures/make_peft_lora.py``).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import base
 
-__all__ = ["lora", "lora_scale"]
+__all__ = ["lora", "lora_scale", "offset_to_plain_lora", "randomized_svd"]
 
 _INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<n>", "olora")
 
@@ -245,3 +246,38 @@ def lora(
         alpha_pattern=dict(alpha_pattern or {}),
     )
     return base.Adapter(init_fn, apply_fn, merge_fn, unmerge_fn, penalty_fn, frozenset("ab"), config)
+
+
+def offset_to_plain_lora(adapter: base.Adapter, params, initial, trained) -> tuple[base.Adapter, Any]:
+    r"""Exports an adapter trained from an offset init (PiSSA, OLoRA) as plain LoRA on the original base.
+
+    Training ran on the residual ``W_res = W - s A_0 B_0``; the trained model is
+    ``W_res + s A B = W + s (A B - A_0 B_0)``, a rank-``2r`` update of ``W``:
+
+    .. math:: A' = [A, A_0], \quad B' = [B; -B_0], \quad \alpha' = 2\alpha \;(\sqrt{2}\alpha \text{ under rsLoRA})
+
+    (Flax orientation; ``alpha'`` keeps ``s' = alpha' / (2r) = s``). Returns
+    ``(adapter', params')`` for use with the untouched base ``params`` (which also give
+    the kernels' layouts), as peft's
+    ``path_initial_model_for_weight_conversion`` export does.
+    """
+    cfg = adapter.config
+    factor = math.sqrt(2.0) if cfg["rslora"] else 2.0
+    out, rank_pattern, alpha_pattern = {}, {}, {}
+    initial_targets = dict(tree_lib.adapter_paths(initial, frozenset("ab")))
+    for keys, path_str, kernel, leaves in base.resolve_targets(trained, params, frozenset("ab")):
+        if keys not in initial_targets:
+            raise ValueError(f"{tree_lib.path_str(keys)!r} is in the trained adapter but not in the initial one")
+        a0, b0 = initial_targets[keys]["a"], initial_targets[keys]["b"]
+        a, b = leaves["a"], leaves["b"]
+        if a.shape != a0.shape or b.shape != b0.shape:
+            raise ValueError(f"{tree_lib.path_str(keys)!r}: trained and initial factors differ in shape")
+        r = a.shape[-1]
+        rank_axis = base.derive_layout(path_str, tree_lib.shape_of(kernel), a.shape, b.shape).stack  # b: [*stack, r, *out]
+        out[keys] = {"a": jnp.concatenate([a, a0], axis=-1), "b": jnp.concatenate([b, -b0], axis=rank_axis)}
+        path = re.escape(tree_lib.path_str(keys))
+        rank_pattern[path] = 2 * r
+        alpha_pattern[path] = factor * tree_lib.first_match(cfg["alpha_pattern"], tree_lib.path_str(keys), cfg["alpha"])
+    exported = lora(rank=2 * cfg["rank"], alpha=factor * cfg["alpha"], targets=list(rank_pattern), rslora=cfg["rslora"],
+                    dropout=cfg["dropout"], rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    return exported, tree_lib.nest(out)
