@@ -37,6 +37,8 @@ CPU, which bitsandbytes uses for the double-quantisation offset.
 
 from __future__ import annotations
 
+import functools
+
 import math
 
 import jax
@@ -376,3 +378,23 @@ def torch_mean(x: jax.Array, *, threads: int = 1) -> jax.Array:
         sums += [jnp.float32(0)] * (threads - len(sums))
         total = _serial_sum(jnp.stack(sums))
     return true_divide(total, jnp.float32(n))  # torch: sum.div_(n), one rounding
+
+
+def dequantize_node(q, node_type: type, dequantize_one, dtype, out_sharding=None) -> jax.Array:
+    """Checks ``q`` and ``dtype``, then ``dequantize_one(q, dtype=dtype)`` mapped over ``q.batch_shape``
+    (layers quantised with ``jax.vmap``), jitted; shared by the 4-bit and int8 nodes."""
+    if not isinstance(q, node_type):
+        article = "an" if node_type.__name__[0] in "AEIOU" else "a"
+        raise TypeError(f"`q` must be {article} {node_type.__name__}, got {type(q).__name__}")
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"`dtype` must be a floating dtype, got {dtype}")
+    return _dequantize_stacked(q, dequantize_one, dtype, out_sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("dequantize_one", "dtype", "out_sharding"))
+def _dequantize_stacked(q, dequantize_one, dtype, out_sharding) -> jax.Array:
+    fn = functools.partial(dequantize_one, dtype=dtype)
+    for _ in q.batch_shape:
+        fn = jax.vmap(fn)
+    return with_auto_axes(fn, (q,), out_sharding)

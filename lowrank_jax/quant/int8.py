@@ -212,17 +212,5 @@ def dequantize(q: Int8Array, dtype=jnp.bfloat16, *, out_sharding=None) -> jax.Ar
     Jittable; stacked leaves (extra leading axes) are mapped over. ``out_sharding``
     as for :func:`lowrank_jax.quant.nf4.dequantize` (used under Explicit mesh axes).
     """
-    if not isinstance(q, Int8Array):
-        raise TypeError(f"`q` must be an Int8Array, got {type(q).__name__}")
-    dtype = jnp.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"`dtype` must be a floating dtype, got {dtype}")
-    return _dequantize(q, dtype, out_sharding)
+    return blockwise.dequantize_node(q, Int8Array, _dequantize_one, dtype, out_sharding)
 
-
-@functools.partial(jax.jit, static_argnames=("dtype", "out_sharding"))
-def _dequantize(q: Int8Array, dtype, out_sharding) -> jax.Array:
-    fn = functools.partial(_dequantize_one, dtype=dtype)
-    for _ in range(q.codes.ndim - q._codes_ndim):
-        fn = jax.vmap(fn)
-    return blockwise.with_auto_axes(fn, (q,), out_sharding)

@@ -330,17 +330,5 @@ def dequantize(q: QuantizedArray, dtype=jnp.bfloat16, *, out_sharding=None) -> j
     Returns:
       An array of shape ``q.shape`` (with the stack axes in front).
     """
-    if not isinstance(q, QuantizedArray):
-        raise TypeError(f"`q` must be a QuantizedArray, got {type(q).__name__}")
-    dtype = jnp.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"`dtype` must be a floating dtype, got {dtype}")
-    return _dequantize(q, dtype, out_sharding)
+    return blockwise.dequantize_node(q, QuantizedArray, _dequantize_one, dtype, out_sharding)
 
-
-@functools.partial(jax.jit, static_argnames=("dtype", "out_sharding"))
-def _dequantize(q: QuantizedArray, dtype, out_sharding) -> jax.Array:
-    fn = functools.partial(_dequantize_one, dtype=dtype)
-    for _ in range(q.packed.ndim - 1):
-        fn = jax.vmap(fn)
-    return blockwise.with_auto_axes(fn, (q,), out_sharding)
