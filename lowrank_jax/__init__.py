@@ -15,9 +15,11 @@ from lowrank_jax.adapters.base import Adapter as Adapter
 from lowrank_jax.adapters.base import Site as Site
 from lowrank_jax.adapters.dora import dora as dora
 from lowrank_jax.adapters.dora import weight_norms as dora_weight_norms
+from lowrank_jax.adapters.lora import LoraGA as LoraGA
 from lowrank_jax.adapters.lora import lora as lora
 from lowrank_jax.adapters.lora import lora_scale as lora_scale
 from lowrank_jax.sharding import adapter_shardings as adapter_shardings
+from lowrank_jax.training import average_gradient as average_gradient
 from lowrank_jax.training import make_train_step as make_train_step
 from lowrank_jax.training import trainable_summary as trainable_summary
 from lowrank_jax.tree import Layout as Layout
@@ -29,9 +31,11 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter",
     "Layout",
+    "LoraGA",
     "Site",
     "adapter_shardings",
     "attention",
+    "average_gradient",
     "dora",
     "dora_weight_norms",
     "labels",

@@ -12,7 +12,7 @@ import optax
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import base
 
-__all__ = ["make_train_step", "trainable_summary"]
+__all__ = ["average_gradient", "make_train_step", "trainable_summary"]
 
 
 def make_train_step(
@@ -61,6 +61,47 @@ def make_train_step(
         return adapter_params, opt_state, metrics
 
     return step
+
+
+def average_gradient(loss_fn: Callable[..., Any], params, batches, *, targets: tree_lib.Targets | None = None, layouts=None):
+    r"""The full gradient averaged over batches, ``G = (1/K) sum_k dL(params; batch_k)/dparams``.
+
+    What LoRA-GA initialises from (``lrj.lora(init="lora_ga").init(key, params, grads=G)``),
+    as both its official repository (``estimate_gradient``) and peft (``preprocess_loraga``)
+    estimate it: the mean of per-batch gradients of the per-batch loss.
+    ``loss_fn(params, batch) -> scalar``; ``batches``: an iterable (a list, a generator);
+    the gradient is jitted once and accumulated in float32. With ``targets`` only the
+    matching leaves are kept (a tree with the targets' paths), so just one full gradient
+    and the accumulator for the targets are alive at a time.
+
+    Example:
+      >>> import jax.numpy as jnp, lowrank_jax as lrj
+      >>> params = {"w": jnp.array([1.0, 2.0])}
+      >>> loss = lambda p, x: jnp.sum(p["w"] * x)
+      >>> lrj.average_gradient(loss, params, [jnp.array([1.0, 0.0]), jnp.array([3.0, 2.0])])
+      {'w': Array([2., 1.], dtype=float32)}
+    """
+    if targets is not None:
+        paths = {t.keys for t in tree_lib.select_targets(params, targets, layouts)}
+
+        def keep(g):
+            return tree_lib.nest({keys: leaf for keys, _, leaf in tree_lib.flatten_with_paths(g) if keys in paths})
+    else:
+        keep = lambda g: g  # noqa: E731
+
+    @jax.jit
+    def batch_gradient(p, batch):
+        return jax.tree.map(lambda x: x.astype(jnp.float32), keep(jax.grad(loss_fn)(p, batch)))
+
+    add = jax.jit(lambda total, g: jax.tree.map(jnp.add, total, g), donate_argnums=0)
+    total, count = None, 0
+    for batch in batches:
+        g = batch_gradient(params, batch)
+        total = g if total is None else add(total, g)
+        count += 1
+    if count == 0:
+        raise ValueError("`batches` is empty: the gradient needs at least one batch")
+    return jax.tree.map(lambda x: x / count, total)
 
 
 def trainable_summary(params, adapter_params) -> dict:

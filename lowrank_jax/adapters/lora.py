@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +23,36 @@ import jax.numpy as jnp
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import base
 
-__all__ = ["lora", "lora_scale", "offset_to_plain_lora", "randomized_svd"]
+__all__ = ["LoraGA", "lora", "lora_scale", "offset_to_plain_lora", "randomized_svd"]
 
-_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<n>", "olora")
+_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<n>", "olora", "lora_ga")
+_OFFSET_INITS = ("pissa", "olora", "lora_ga")
+_GA_DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
+_GA_SCALES = {"official": ("stable", "gd", "unit", "weightS"), "peft": ("stable", "gd_scale", "unit", "weight_svd")}
+
+
+class LoraGA(NamedTuple):
+    r"""Options of the LoRA-GA init (``lrj.lora(init="lora_ga", lora_ga=LoraGA(...))``).
+
+    direction: which singular vectors of ``G`` (``a`` from ``u``, ``b`` from ``vh``, 0-based):
+      ``"ArB2r"`` (default) ``a = u[:, :r]``, ``b = vh[r:2r]``; ``"A2rBr"``
+      ``a = u[:, r:2r]``, ``b = vh[:r]``; ``"ArBr"`` ``a = u[:, 1:2r:2]``, ``b = vh[0:2r:2]``.
+    scale: ``"stable"`` (default) multiplies by ``out^{1/4} / sqrt(stable_gamma)``; official
+      convention also ``"gd"`` (divide by ``s``), ``"unit"`` (none), ``"weightS"`` (the mean of
+      ``sqrt(sigma_i(W) / s)`` over the top ``r``); peft convention ``"stable"`` (``b`` only),
+      ``"gd_scale"``, ``"unit"``, ``"weight_svd"`` (``b`` times ``sigma_1(W) / sigma_{b,1}``, with an
+      exact ``sigma_1(W)`` where peft takes it from ``torch.svd_lowrank(W, q=r)``).
+    stable_gamma: ``gamma`` of the stable scale (16 in both references).
+    niter: power iterations of the randomized SVD of ``G`` with ``min(4r, in, out)`` probes, as both
+      references call ``torch.svd_lowrank(G, q=min(4r, ...), niter=4)``; ``None``: exact SVD.
+    convention: ``"official"`` (the paper's repository, the default) or ``"peft"`` (peft >= 0.18).
+    """
+
+    direction: str = "ArB2r"
+    scale: str = "stable"
+    stable_gamma: float = 16.0
+    niter: int | None = 4
+    convention: str = "official"
 
 
 def _parse_init(init: str) -> tuple[str, int | None]:
@@ -72,6 +99,71 @@ def _offset_factors(key, w2, r: int, scale: float, kind: str, niter: int | None)
     return u * root, root[:, None] * vh
 
 
+def _lora_ga_factors(key, g2, w2, r: int, scale: float, ga: LoraGA):
+    r"""Factors ``(a [in, r], b [r, out])`` of LoRA-GA from the averaged gradient ``g2 = E[dL/dW]: [in, out]``.
+
+    ``G = u diag(sigma) vh`` (the top ``2r`` triplets, canonical signs: each ``u[:, i]``'s
+    largest-magnitude entry positive, since ``a`` and ``b`` come from *different* pairs and
+    ``s a b`` would otherwise depend on the LAPACK build); ``a`` and ``b`` are the
+    direction's columns of ``u`` and rows of ``vh``, then scaled (see :class:`LoraGA`).
+    """
+    from lowrank_jax.optim import _linalg
+
+    n_in, n_out = g2.shape
+    g32 = g2.astype(jnp.float32)
+    if ga.niter is None:
+        u, sv, vh = jnp.linalg.svd(g32, full_matrices=False)
+        u, sv, vh = u[:, : 2 * r], sv[: 2 * r], vh[: 2 * r]
+    else:
+        probes = min(4 * r, n_in, n_out)
+        u, sv, vh = _linalg.randomized_svd(g32, 2 * r, key, oversample=probes - 2 * r, power_iters=ga.niter)
+    u, vh = _linalg.canonical_signs(u, vh, by="u")
+    idx_a, idx_b = {
+        "ArB2r": (slice(0, r), slice(r, 2 * r)),
+        "A2rBr": (slice(r, 2 * r), slice(0, r)),
+        "ArBr": (slice(1, 2 * r, 2), slice(0, 2 * r, 2)),
+    }[ga.direction]
+    a, b, sigma_b = u[:, idx_a], vh[idx_b], sv[idx_b]
+    stable = n_out**0.25 / math.sqrt(ga.stable_gamma)
+    if ga.convention == "peft":
+        b = sigma_b[:, None] * b
+        if ga.scale == "stable":
+            b = b * stable
+        elif ga.scale == "gd_scale":
+            a, b = a / scale, b / scale
+        elif ga.scale == "weight_svd":
+            top = jnp.linalg.svd(w2.astype(jnp.float32), compute_uv=False)[0]
+            b = b * jnp.where(sigma_b[0] > 0, top / jnp.where(sigma_b[0] > 0, sigma_b[0], 1.0), 1.0)
+        return a, b
+    if ga.scale == "stable":
+        a, b = a * stable, b * stable
+    elif ga.scale == "gd":
+        a, b = a / scale, b / scale
+    elif ga.scale == "weightS":
+        sw = jnp.linalg.svd(w2.astype(jnp.float32), compute_uv=False)[:r] / scale
+        avg = jnp.mean(jnp.sqrt(sw))
+        a, b = a * avg, b * avg
+    return a, b
+
+
+def _check_lora_ga(ga) -> LoraGA:
+    ga = LoraGA() if ga is None else ga
+    if not isinstance(ga, LoraGA):
+        raise TypeError(f"`lora_ga` must be an lrj.LoraGA, got {type(ga).__name__}")
+    if ga.convention not in _GA_SCALES:
+        raise ValueError(f"`lora_ga.convention` must be one of {tuple(_GA_SCALES)}, got {ga.convention!r}")
+    if ga.direction not in _GA_DIRECTIONS:
+        raise ValueError(f"`lora_ga.direction` must be one of {_GA_DIRECTIONS}, got {ga.direction!r}")
+    if ga.scale not in _GA_SCALES[ga.convention]:
+        raise ValueError(
+            f"`lora_ga.scale` must be one of {_GA_SCALES[ga.convention]} under the {ga.convention!r} convention, got {ga.scale!r}"
+        )
+    _check_positive("lora_ga.stable_gamma", ga.stable_gamma)
+    if ga.niter is not None and (isinstance(ga.niter, bool) or not isinstance(ga.niter, int) or ga.niter < 0):
+        raise ValueError(f"`lora_ga.niter` must be None (exact SVD) or an integer >= 0, got {ga.niter!r}")
+    return ga
+
+
 def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
     """``s = alpha / r``, or ``alpha / sqrt(r)`` under rsLoRA."""
     return alpha / math.sqrt(rank) if rslora else alpha / rank
@@ -94,6 +186,7 @@ def lora(
     alpha_pattern: Mapping[str, float] | None = None,
     layouts: Mapping[str, Any] | Callable | None = None,
     param_dtype: Any = None,
+    lora_ga: LoraGA | None = None,
 ) -> base.Adapter:
     r"""Low-rank adaptation of the targeted kernels.
 
@@ -126,7 +219,17 @@ def lora(
         ``"pissa"`` (exact SVD), ``"pissa_niter_<n>"`` (randomized SVD with ``n``
         power iterations), ``"olora"`` (QR). With an offset init ``s A B != 0`` at step 0:
         train on the residual base ``adapter.unmerge(params, lora_params)`` (``W - s A B``),
-        which with the adapter reproduces ``W`` exactly.
+        which with the adapter reproduces ``W`` exactly. ``"lora_ga"`` (Wang et al,
+        `LoRA-GA <https://arxiv.org/abs/2407.05000>`_, 2024) is an offset init from the
+        gradient: ``adapter.init(key, params, grads=G)`` with ``G`` the full gradient averaged
+        over a few batches (:func:`lrj.average_gradient`); its SVD's leading singular vectors
+        make the first LoRA step's ``s (dA B + A dB)`` the best approximation of a full
+        fine-tuning step. Options in ``lora_ga`` (:class:`lrj.LoraGA`): the paper's official
+        repository by default (``a = u[:, :r]``, ``b = vh[r:2r]``, both times
+        ``out^{1/4}/sqrt(16)``). peft's ``init_lora_weights="lora_ga"`` differs (select it with
+        ``LoraGA(convention="peft")``): it multiplies ``b`` by the singular values
+        ``diag(sigma[r:2r])`` and applies the stable scale to ``b`` only, so its ``s a b`` is
+        ``sigma``-weighted and ``out^{1/4}/4`` rather than ``sqrt(out)/16`` times the directions.
       rank_pattern, alpha_pattern: ``{regex: value}`` overriding ``rank``/``alpha``
         for the paths a regex fullmatches (the first matching regex wins); unlike
         peft's key matching, they are full regexes on the same paths as ``targets``.
@@ -134,6 +237,7 @@ def lora(
         are not 2-D (scanned stacks, DenseGeneral, Einsum); see
         ``lrj.linen.kernel_layouts``.
       param_dtype: dtype of ``a``/``b``; default: the kernel's dtype.
+      lora_ga: options of ``init="lora_ga"`` (:class:`lrj.LoraGA`); default ``LoraGA()``.
 
     Returns:
       An :class:`lrj.Adapter`.
@@ -152,8 +256,11 @@ def lora(
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}")
     init_kind, niter = _parse_init(init)
-    if init_kind not in ("kaiming", "gaussian", "pissa", "olora"):
+    if init_kind not in ("kaiming", "gaussian", *_OFFSET_INITS):
         raise ValueError(f"`init` must be one of {_INITS}, got {init!r}")
+    if lora_ga is not None and init_kind != "lora_ga":
+        raise ValueError(f"`lora_ga` options are for init='lora_ga', not init={init!r}")
+    ga = _check_lora_ga(lora_ga) if init_kind == "lora_ga" else None
     for pattern, r in (rank_pattern or {}).items():
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"`rank_pattern[{pattern!r}]` must be a positive integer, got {r!r}")
@@ -167,7 +274,14 @@ def lora(
     def scale_of(path: str, r: int | None = None) -> float:
         return lora_scale(r or rank_of(path), tree_lib.first_match(alpha_pattern, path, alpha), rslora)
 
-    def init_fn(key, params):
+    def init_fn(key, params, *, grads=None):
+        """``grads``: for ``init="lora_ga"`` only, the averaged full gradient, a tree like ``params``
+        (or holding at least every target's kernel path)."""
+        if init_kind == "lora_ga" and grads is None:
+            raise ValueError("init='lora_ga' needs the averaged gradient: adapter.init(key, params, grads=lrj.average_gradient(...))")
+        if init_kind != "lora_ga" and grads is not None:
+            raise ValueError(f"`grads` is only used by init='lora_ga', not init={init!r}")
+        grad_leaves = {keys: g for keys, _, g in tree_lib.flatten_with_paths(grads)} if grads is not None else {}
         found = tree_lib.select_targets(params, targets, layouts)
         keys = jax.random.split(key, len(found))
         out = {}
@@ -181,12 +295,25 @@ def lora(
                 )
             dtype = param_dtype or t.leaf.dtype
             a_shape, b_shape = (*stack, *ins, r), (*stack, r, *outs)
-            if init_kind in ("pissa", "olora"):
+            if init_kind in _OFFSET_INITS:
                 if t.is_embedding:
                     raise ValueError(f"init {init!r} is for linear kernels; {t.path!r} is an embedding")
                 w = base.dense(t.leaf).reshape(-1, n_in, n_out)
-                factors = jax.vmap(lambda w2, k2: _offset_factors(k2, w2, r, scale_of(t.path, r), init_kind, niter))
-                a, b = factors(w, jax.random.split(k, w.shape[0]))
+                subkeys = jax.random.split(k, w.shape[0])
+                if init_kind == "lora_ga":
+                    if 2 * r > min(n_in, n_out):
+                        raise ValueError(f"init 'lora_ga' takes 2r = {2 * r} singular vectors of {t.path!r}'s gradient; min(in, out) = {min(n_in, n_out)}")
+                    g = grad_leaves.get(t.keys)
+                    if g is None or tuple(jnp.shape(g)) != tuple(tree_lib.shape_of(t.leaf)):
+                        found_shape = None if g is None else tuple(jnp.shape(g))
+                        raise ValueError(f"`grads` has no gradient of shape {tuple(tree_lib.shape_of(t.leaf))} at {t.path!r} (found {found_shape})")
+                    if not bool(jnp.all(jnp.isfinite(g))):
+                        raise ValueError(f"the gradient at {t.path!r} is not finite (NaN or Inf)")
+                    factors = jax.vmap(lambda g2, w2, k2: _lora_ga_factors(k2, g2, w2, r, scale_of(t.path, r), ga))
+                    a, b = factors(jnp.reshape(g, (-1, n_in, n_out)), w, subkeys)
+                else:
+                    factors = jax.vmap(lambda w2, k2: _offset_factors(k2, w2, r, scale_of(t.path, r), init_kind, niter))
+                    a, b = factors(w, subkeys)
                 out[t.keys] = {"a": a.reshape(a_shape).astype(dtype), "b": b.reshape(b_shape).astype(dtype)}
                 continue
             if t.is_embedding:
@@ -245,6 +372,8 @@ def lora(
         rslora=rslora, dropout=dropout, init=init, rank_pattern=dict(rank_pattern or {}),
         alpha_pattern=dict(alpha_pattern or {}),
     )
+    if ga is not None:
+        config["lora_ga"] = ga._asdict()
     return base.Adapter(init_fn, apply_fn, merge_fn, unmerge_fn, penalty_fn, frozenset("ab"), config)
 
 
