@@ -6,6 +6,7 @@ functions over Flax params pytrees; bridges (:mod:`lowrank_jax.linen`,
 """
 
 from lowrank_jax import attention as attention
+from lowrank_jax import grads as grads
 from lowrank_jax import linen as linen
 from lowrank_jax import longlora as longlora
 from lowrank_jax import nnx as nnx
@@ -38,6 +39,7 @@ __all__ = [
     "average_gradient",
     "dora",
     "dora_weight_norms",
+    "grads",
     "labels",
     "linen",
     "longlora",
