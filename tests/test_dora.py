@@ -125,6 +125,31 @@ def test_dora_on_a_quantised_base():
                                lrj.linen.apply(model, adapter, dparams, lp, x), atol=1e-6)
 
 
+def test_qdora_on_a_scanned_nf4_base_equals_dora_on_the_dequantised_base():
+    """QDoRA: the magnitude init, forward, gradients and merge all see the dequantised NF4 kernel."""
+    from test_quantized_base import ScanStack
+
+    from lowrank_jax import quant
+
+    model, x = ScanStack(d=128, layers=3), jax.random.normal(jax.random.key(0), (4, 128))
+    variables = model.init(jax.random.key(1), x)
+    qvars = quant.quantize_params(variables, r".*/kernel", stack_axes=1)
+    dvars = quant.dequantize_params(qvars, jnp.float32)
+    adapter = lrj.dora(rank=4, targets=r".*/kernel", layouts=lrj.linen.kernel_layouts(model, x))
+    lp_q, lp_d = adapter.init(jax.random.key(2), qvars), adapter.init(jax.random.key(2), dvars)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-6), lp_q, lp_d)  # m = ||dequant(W)||
+    lp = jax.tree.map(lambda v: v + 0.05, lp_q)
+
+    def loss(lp, v):
+        return jnp.sum(jnp.sin(lrj.linen.apply(model, adapter, v, lp, x)))
+
+    (lq, gq), (ld, gd) = jax.jit(jax.value_and_grad(loss))(lp, qvars), jax.value_and_grad(loss)(lp, dvars)
+    np.testing.assert_allclose(lq, ld, rtol=1e-5)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5), gq, gd)
+    merged = adapter.merge(dvars, lp)
+    np.testing.assert_allclose(lrj.linen.apply(model, adapter, qvars, lp, x), model.apply(merged, x), atol=1e-5)
+
+
 def test_dora_rejects_embeddings():
     params = {"params": {"emb": {"embedding": jnp.ones((10, 4))}}}
     with pytest.raises(ValueError, match="DoRA supports linear layers only; 'params/emb/embedding' is an embedding"):
