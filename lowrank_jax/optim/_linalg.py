@@ -1,56 +1,28 @@
-"""Small linear-algebra helpers for the optimizers: canonical SVD signs, randomized SVD, Sylvester, pinv."""
+"""Small linear-algebra helpers for the optimizers: Sylvester, pinv, and the SVD helpers of :mod:`lowrank_jax.linalg`."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
+
+from lowrank_jax import linalg
 
 HIGHEST = lax.Precision.HIGHEST
 
 
 def canonical_signs(u, vh, *, by: str):
-    r"""Flips each singular pair ``(u[:, i], vh[i, :])`` so that one of its vectors has its largest-magnitude entry positive.
-
-    ``by="u"`` decides by the left vector ``u[..., :, i]``, ``by="vh"`` by the right
-    vector ``vh[..., i, :]`` (ties: the first largest entry). An SVD fixes each pair
-    only up to a common sign, and LAPACK builds (CPU, GPU, TPU, MKL vs OpenBLAS)
-    choose differently; with this rule the result depends only on the matrix.
-    """
-    if by == "u":
-        ref = jnp.swapaxes(u, -1, -2)  # [..., k, m]
-    elif by == "vh":
-        ref = vh
-    else:
-        raise ValueError(f"`by` must be 'u' or 'vh', got {by!r}")
-    idx = jnp.argmax(jnp.abs(ref), axis=-1)
-    pick = jnp.take_along_axis(ref, idx[..., None], axis=-1)[..., 0]
-    sign = jnp.where(pick < 0, -1.0, 1.0).astype(u.dtype)  # [..., k]
-    return u * sign[..., None, :], vh * sign[..., :, None]
+    """:func:`lowrank_jax.linalg.canonical_signs`, with ``by`` required."""
+    return linalg.canonical_signs(u, vh, by=by)
 
 
 def randomized_svd(a, k: int, key, *, oversample: int = 8, power_iters: int = 2):
-    r"""Top-``k`` SVD of ``a: [..., m, n]`` by randomized range finding (Halko et al, 2011).
+    """Top-``min(k, m, n)`` SVD of ``a: [..., m, n]`` with raw LAPACK signs (GaLore applies :func:`canonical_signs`).
 
-    ``l = min(k + oversample, m, n)`` Gaussian probes, ``power_iters`` subspace
-    iterations re-orthonormalised by QR, then an exact SVD of the ``[l, n]``
-    projection ``Q^T a``. Costs ``O(m n l)`` instead of ``O(m n min(m, n))``.
-
-    Reference: Halko, Martinsson and Tropp, `Finding structure with randomness
-    <https://arxiv.org/abs/0909.4061>`_, 2011.
+    :func:`lowrank_jax.linalg.randomized_svd` (Halko et al, 2011) with ``niter = power_iters``
+    and ``canonical=False``.
     """
-    m, n = a.shape[-2:]
-    l = min(k + oversample, m, n)
-    omega = jax.random.normal(key, (*a.shape[:-2], n, l), a.dtype)
-    at = jnp.swapaxes(a, -1, -2)
-    q, _ = jnp.linalg.qr(jnp.matmul(a, omega, precision=HIGHEST))
-    for _ in range(power_iters):
-        z, _ = jnp.linalg.qr(jnp.matmul(at, q, precision=HIGHEST))
-        q, _ = jnp.linalg.qr(jnp.matmul(a, z, precision=HIGHEST))
-    b = jnp.matmul(jnp.swapaxes(q, -1, -2), a, precision=HIGHEST)  # [..., l, n]
-    ub, s, vh = jnp.linalg.svd(b, full_matrices=False)
-    u = jnp.matmul(q, ub, precision=HIGHEST)
-    return u[..., :, :k], s[..., :k], vh[..., :k, :]
+    k = min(k, *a.shape[-2:])
+    return linalg.randomized_svd(key, a, k, oversample=oversample, niter=power_iters, canonical=False)
 
 
 def pinv_psd(m, delta: float):
