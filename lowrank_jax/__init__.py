@@ -7,6 +7,7 @@ functions over Flax params pytrees; bridges (:mod:`lowrank_jax.linen`,
 
 from lowrank_jax import attention as attention
 from lowrank_jax import grads as grads
+from lowrank_jax import linalg as linalg
 from lowrank_jax import linen as linen
 from lowrank_jax import longlora as longlora
 from lowrank_jax import nnx as nnx
@@ -17,6 +18,8 @@ from lowrank_jax.adapters.base import Site as Site
 from lowrank_jax.adapters.dora import dora as dora
 from lowrank_jax.adapters.dora import weight_norms as dora_weight_norms
 from lowrank_jax.adapters.lora import LoraGA as LoraGA
+from lowrank_jax.adapters.lora import init_with_residual as init_with_residual
+from lowrank_jax.adapters.lora import offset_to_plain_lora as offset_to_plain_lora
 from lowrank_jax.adapters.lora import lora as lora
 from lowrank_jax.adapters.lora import lora_scale as lora_scale
 from lowrank_jax.sharding import adapter_shardings as adapter_shardings
@@ -40,14 +43,17 @@ __all__ = [
     "dora",
     "dora_weight_norms",
     "grads",
+    "init_with_residual",
     "labels",
     "linen",
     "longlora",
+    "linalg",
     "lora",
     "lora_scale",
     "make_train_step",
     "mask",
     "nnx",
+    "offset_to_plain_lora",
     "optim",
     "quant",
     "trainable_summary",

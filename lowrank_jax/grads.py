@@ -119,7 +119,7 @@ def galore_projection(G, rank: int, proj_type: str = "std") -> GaLoreProjection:
     Signs are canonical (the kept vector's largest-magnitude entry positive), as in
     :func:`lrj.optim.scale_by_galore`.
     """
-    from lowrank_jax.optim import _linalg
+    from lowrank_jax import linalg
 
     m, n = G.shape
     sides = {"std": "right" if m >= n else "left", "reverse_std": "left" if m >= n else "right"}
@@ -128,7 +128,7 @@ def galore_projection(G, rank: int, proj_type: str = "std") -> GaLoreProjection:
         raise ValueError(f"`proj_type` must be one of ('std', 'reverse_std', 'left', 'right', 'full'), got {proj_type!r}")
     k = min(rank, m, n)
     u, _, vh = jnp.linalg.svd(G.astype(jnp.float32), full_matrices=False)
-    u, vh = _linalg.canonical_signs(u[:, :k], vh[:k], by="vh" if side == "right" else "u")
+    u, vh = linalg.canonical_signs(u[:, :k], vh[:k], by="vh" if side == "right" else "u")
     return GaLoreProjection(side, u if side != "right" else None, vh if side != "left" else None)
 
 

@@ -94,6 +94,26 @@ def test_offset_init_errors():
         lrj.lora(rank=2, targets=".*", init="pissa").init(jax.random.key(0), params)
 
 
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
+def test_offset_inits_on_a_rank_deficient_kernel(init):
+    """rank r above rank(W) = 2 (allowed: r <= min(in, out)): s A B reproduces W, no NaN, the residual is ~0."""
+    k1, k2 = jax.random.split(jax.random.key(7))
+    w = jax.random.normal(k1, (20, 2)) @ jax.random.normal(k2, (2, 12))
+    adapter, params, lp, a, b = factors(init, w, rank=5, alpha=5.0)
+    assert bool(jnp.all(jnp.isfinite(a))) and bool(jnp.all(jnp.isfinite(b)))
+    residual = adapter.unmerge(params, lp)["params"]["proj"]["kernel"]
+    np.testing.assert_allclose(residual, 0.0, atol=1e-4 * float(jnp.abs(w).max()))
+    zero = factors(init, jnp.zeros((8, 6)), rank=3)  # the zero matrix: rank 0
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in zero[3:]) and float(jnp.abs(zero[3] @ zero[4]).max()) == 0.0
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_offset_inits_reject_non_finite_kernels(init):
+    w = jnp.ones((8, 6)).at[2, 3].set(jnp.nan)
+    with pytest.raises(ValueError, match="`params/proj/kernel` has 1 NaN and 0 Inf"):
+        factors(init, w, rank=2)
+
+
 def test_export_to_plain_rank_2r_lora_on_the_original_base():
     model = nn.Dense(16)
     x = jax.random.normal(jax.random.key(0), (4, 24))

@@ -20,10 +20,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lowrank_jax import linalg
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import base
 
-__all__ = ["LoraGA", "lora", "lora_scale", "offset_to_plain_lora", "randomized_svd"]
+__all__ = ["LoraGA", "init_with_residual", "lora", "lora_scale", "offset_to_plain_lora"]
 
 _INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<n>", "olora", "lora_ga")
 _OFFSET_INITS = ("pissa", "olora", "lora_ga")
@@ -64,21 +65,6 @@ def _parse_init(init: str) -> tuple[str, int | None]:
     return init, None
 
 
-def randomized_svd(key, w, rank: int, niter: int, oversample: int = 0):
-    """Rank-``rank`` truncated SVD ``U S Vh`` of ``w`` by subspace iteration (Halko et al, 2011):
-    ``Q = orth(w Omega)``, ``niter`` power iterations with re-orthonormalisation, then the
-    exact SVD of the small ``Q^T w``. ``torch.svd_lowrank``'s algorithm (peft's fast PiSSA)."""
-    m, n = w.shape
-    q = min(rank + oversample, m, n)
-    omega = jax.random.normal(key, (n, q), w.dtype)
-    basis, _ = jnp.linalg.qr(w @ omega)
-    for _ in range(niter):
-        z, _ = jnp.linalg.qr(w.T @ basis)
-        basis, _ = jnp.linalg.qr(w @ z)
-    u_small, s, vh = jnp.linalg.svd(basis.T @ w, full_matrices=False)
-    return (basis @ u_small)[:, :rank], s[:rank], vh[:rank]
-
-
 def _offset_factors(key, w2, r: int, scale: float, kind: str, niter: int | None):
     """Factors ``(a [in, r], b [r, out])`` of a 2-D fp32 kernel for the offset inits.
 
@@ -91,10 +77,9 @@ def _offset_factors(key, w2, r: int, scale: float, kind: str, niter: int | None)
         q, rr = jnp.linalg.qr(w2.T)
         return rr[:r].T, q[:, :r].T
     if niter is None:
-        u, sv, vh = jnp.linalg.svd(w2, full_matrices=False)
-        u, sv, vh = u[:, :r], sv[:r], vh[:r]
-    else:
-        u, sv, vh = randomized_svd(key, w2, r, niter)
+        u, sv, vh = linalg.svd(w2, r)
+    else:  # torch.svd_lowrank(W, q=r, niter) as peft calls it: no oversampling
+        u, sv, vh = linalg.randomized_svd(key, w2, r, oversample=0, niter=niter)
     root = jnp.sqrt(sv / scale)
     return u * root, root[:, None] * vh
 
@@ -107,17 +92,13 @@ def _lora_ga_factors(key, g2, w2, r: int, scale: float, ga: LoraGA):
     ``s a b`` would otherwise depend on the LAPACK build); ``a`` and ``b`` are the
     direction's columns of ``u`` and rows of ``vh``, then scaled (see :class:`LoraGA`).
     """
-    from lowrank_jax.optim import _linalg
-
     n_in, n_out = g2.shape
     g32 = g2.astype(jnp.float32)
     if ga.niter is None:
-        u, sv, vh = jnp.linalg.svd(g32, full_matrices=False)
-        u, sv, vh = u[:, : 2 * r], sv[: 2 * r], vh[: 2 * r]
+        u, sv, vh = linalg.svd(g32, 2 * r)
     else:
         probes = min(4 * r, n_in, n_out)
-        u, sv, vh = _linalg.randomized_svd(g32, 2 * r, key, oversample=probes - 2 * r, power_iters=ga.niter)
-    u, vh = _linalg.canonical_signs(u, vh, by="u")
+        u, sv, vh = linalg.randomized_svd(key, g32, 2 * r, oversample=probes - 2 * r, niter=ga.niter)
     idx_a, idx_b = {
         "ArB2r": (slice(0, r), slice(r, 2 * r)),
         "A2rBr": (slice(r, 2 * r), slice(0, r)),
@@ -298,7 +279,7 @@ def lora(
             if init_kind in _OFFSET_INITS:
                 if t.is_embedding:
                     raise ValueError(f"init {init!r} is for linear kernels; {t.path!r} is an embedding")
-                w = base.dense(t.leaf).reshape(-1, n_in, n_out)
+                w = linalg.check_finite(base.dense(t.leaf), t.path).reshape(-1, n_in, n_out)
                 subkeys = jax.random.split(k, w.shape[0])
                 if init_kind == "lora_ga":
                     if 2 * r > min(n_in, n_out):
@@ -307,8 +288,7 @@ def lora(
                     if g is None or tuple(jnp.shape(g)) != tuple(tree_lib.shape_of(t.leaf)):
                         found_shape = None if g is None else tuple(jnp.shape(g))
                         raise ValueError(f"`grads` has no gradient of shape {tuple(tree_lib.shape_of(t.leaf))} at {t.path!r} (found {found_shape})")
-                    if not bool(jnp.all(jnp.isfinite(g))):
-                        raise ValueError(f"the gradient at {t.path!r} is not finite (NaN or Inf)")
+                    linalg.check_finite(g, f"gradient at {t.path}")
                     factors = jax.vmap(lambda g2, w2, k2: _lora_ga_factors(k2, g2, w2, r, scale_of(t.path, r), ga))
                     a, b = factors(jnp.reshape(g, (-1, n_in, n_out)), w, subkeys)
                 else:
@@ -375,6 +355,28 @@ def lora(
     if ga is not None:
         config["lora_ga"] = ga._asdict()
     return base.Adapter(init_fn, apply_fn, merge_fn, unmerge_fn, penalty_fn, frozenset("ab"), config)
+
+
+def init_with_residual(adapter: base.Adapter, key, params, **init_kwargs) -> tuple[Any, Any]:
+    r"""``(adapter_params, residual_params)`` for an offset init (PiSSA, OLoRA, LoRA-GA).
+
+    The residual base is ``W_res = W - s A_0 B_0`` on every target (``adapter.unmerge``,
+    computed in float32 and cast back to each kernel's dtype), so that
+    ``W_res + s A_0 B_0 = W``: training starts from the base model's function.
+    ``init_kwargs`` go to ``adapter.init`` (``grads=`` for LoRA-GA). Keep ``params``
+    (the original base) for :func:`offset_to_plain_lora`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lowrank_jax as lrj
+      >>> params = {"params": {"proj": {"kernel": jax.random.normal(jax.random.key(0), (6, 4))}}}
+      >>> adapter = lrj.lora(rank=2, alpha=2.0, targets=".*", init="pissa")
+      >>> lp, residual = lrj.init_with_residual(adapter, jax.random.key(1), params)
+      >>> merged = adapter.merge(residual, lp)["params"]["proj"]["kernel"]
+      >>> bool(jnp.allclose(merged, params["params"]["proj"]["kernel"], atol=1e-5))
+      True
+    """
+    adapter_params = adapter.init(key, params, **init_kwargs)
+    return adapter_params, adapter.unmerge(params, adapter_params)
 
 
 def offset_to_plain_lora(adapter: base.Adapter, params, initial, trained) -> tuple[base.Adapter, Any]:
