@@ -150,6 +150,28 @@ def test_qdora_on_a_scanned_nf4_base_equals_dora_on_the_dequantised_base():
     np.testing.assert_allclose(lrj.linen.apply(model, adapter, qvars, lp, x), model.apply(merged, x), atol=1e-5)
 
 
+def test_dropout_follows_peft_the_magnitude_rescales_the_dropped_inputs_base_output():
+    """peft's DoRA with active dropout: y + (g - 1) (x_d W) + g s (x_d A) B, bias outside, x_d = dropout(x)."""
+    from lowrank_jax.adapters import base
+
+    k = jax.random.split(jax.random.key(0), 5)
+    x, w, bias = jax.random.normal(k[0], (6, 12)), jax.random.normal(k[1], (12, 5)), jax.random.normal(k[2], (5,))
+    params = {"params": {"proj": {"kernel": w, "bias": bias}}}
+    adapter = lrj.dora(rank=3, alpha=6.0, targets=".*/kernel", dropout=0.3)
+    leaves = jax.tree.map(lambda v: v + 0.2, adapter.init(k[3], params))["params"]["proj"]["kernel"]
+    y = x @ w + bias
+    site = lrj.Site("linear", w, 1, bias=bias)
+    got = adapter.apply(leaves, site, x, y, path="params/proj/kernel", dropout_key=k[4])
+    xd = base.dropout(k[4], x, 0.3)
+    assert 0 < int(jnp.sum(xd == 0)) < xd.size
+    s = 2.0
+    a, b, m = leaves["a"], leaves["b"], leaves["m"]
+    g = m / jnp.linalg.norm(w + s * a @ b, axis=0)
+    np.testing.assert_allclose(got, y + (g - 1) * (xd @ w) + g * (s * (xd @ a @ b)), rtol=1e-5, atol=1e-5)
+    no_drop = adapter.apply(leaves, site, x, y, path="params/proj/kernel")  # inactive: the merged layer
+    np.testing.assert_allclose(no_drop, x @ (g * (w + s * a @ b)) + bias, rtol=1e-5, atol=1e-5)
+
+
 def test_dora_rejects_embeddings():
     params = {"params": {"emb": {"embedding": jnp.ones((10, 4))}}}
     with pytest.raises(ValueError, match="DoRA supports linear layers only; 'params/emb/embedding' is an embedding"):
