@@ -44,6 +44,7 @@ __all__ = [
     "monarch_matmul",
     "monarch_project",
     "pinv",
+    "qr",
     "randomized_svd",
     "svd",
     "tucker_hooi",
@@ -101,6 +102,23 @@ def check_finite(x, name: str = "x"):
     if nan or inf:
         raise ValueError(f"`{name}` has {nan} NaN and {inf} Inf entries (of {arr.size})")
     return x
+
+
+def qr(w):
+    """Reduced QR ``w = q r`` of ``w: [..., m, n]``, as :func:`jnp.linalg.qr`, one matrix at a time on CPU.
+
+    On the CPU backend (jax/jaxlib 0.10.2) a program holding several *batched* QR
+    factorisations of large matrices can deadlock in XLA's runtime (e.g. four
+    ``[2, 576, 576]`` QRs in one ``jit``; unbatched ones do not). Batches are
+    therefore run through :func:`jax.lax.map` there, which costs the same FLOPs.
+    Other backends use the batched kernel. Under an outer ``jax.vmap`` the QR is
+    batched again, so map over stacked matrices with ``lax.map`` instead of ``vmap``.
+    """
+    if w.ndim <= 2 or jax.default_backend() != "cpu":
+        return jnp.linalg.qr(w)
+    batch = w.shape[:-2]
+    q, r = lax.map(jnp.linalg.qr, w.reshape(-1, *w.shape[-2:]))
+    return q.reshape(*batch, *q.shape[-2:]), r.reshape(*batch, *r.shape[-2:])
 
 
 def _column_signs(u):
@@ -222,10 +240,10 @@ def _randomized_svd(key, w, *, rank: int, oversample: int, niter: int, canonical
     l = min(rank + oversample, m, n)
     omega = jax.random.normal(key, (*w.shape[:-2], n, l), w.dtype)
     wt = jnp.swapaxes(w, -1, -2)
-    q, _ = jnp.linalg.qr(jnp.matmul(w, omega, precision=HIGHEST))
+    q, _ = qr(jnp.matmul(w, omega, precision=HIGHEST))
     for _ in range(niter):
-        z, _ = jnp.linalg.qr(jnp.matmul(wt, q, precision=HIGHEST))
-        q, _ = jnp.linalg.qr(jnp.matmul(w, z, precision=HIGHEST))
+        z, _ = qr(jnp.matmul(wt, q, precision=HIGHEST))
+        q, _ = qr(jnp.matmul(w, z, precision=HIGHEST))
     b = jnp.matmul(jnp.swapaxes(q, -1, -2), w, precision=HIGHEST)  # [..., l, n]
     ub, s, vh = jnp.linalg.svd(b, full_matrices=False)
     u = jnp.matmul(q, ub, precision=HIGHEST)

@@ -594,3 +594,32 @@ def test_everything_traces_under_jit_and_integer_input_becomes_float32():
     assert linalg.svd(ints)[1].dtype == jnp.float32
     assert linalg.pinv(ints).dtype == jnp.float32
     assert linalg.magnitude_direction(ints)[1].dtype == jnp.float32
+
+
+def test_qr_equals_jnp_per_matrix_and_batches_through_lax_map():
+    w = np.random.default_rng(0).standard_normal((2, 3, 9, 5)).astype(np.float32)
+    q, r = linalg.qr(jnp.asarray(w))
+    assert q.shape == (2, 3, 9, 5) and r.shape == (2, 3, 5, 5)
+    q0, r0 = jnp.linalg.qr(jnp.asarray(w[1, 2]))
+    np.testing.assert_allclose(q[1, 2], q0, atol=1e-6)
+    np.testing.assert_allclose(r[1, 2], r0, atol=1e-6)
+
+
+def test_several_stacked_qrs_in_one_program_do_not_deadlock():
+    """jax 0.10.2 on CPU: four batched [2, 576, 576] jnp.linalg.qr calls in one jit never return;
+    lrj.linalg.qr (and the offset inits and randomized SVD built on it) must."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent('''
+        import jax, jax.numpy as jnp, lowrank_jax as lrj
+        ws = [jax.random.normal(jax.random.key(i), (2, 576, 576)) for i in range(4)]
+        jax.block_until_ready(jax.jit(lambda ws: [lrj.linalg.qr(w)[0] for w in ws])(ws))
+        params = {"params": {f"k{i}": {"kernel": w} for i, w in enumerate(ws)}}
+        adapter = lrj.lora(rank=8, targets=".*", init="pissa_niter_2", layouts=lambda p, l: lrj.Layout(1, 1))
+        jax.block_until_ready(jax.jit(adapter.init)(jax.random.key(0), params))
+        print("done")
+    ''')
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "done" in out.stdout, out.stderr[-2000:]

@@ -12,6 +12,7 @@ recorded from peft (``tests/fixtures/make_peft_lora.py``).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -74,7 +75,7 @@ def _offset_factors(key, w2, r: int, scale: float, kind: str, niter: int | None)
     2024), as peft: ``W^T = Q R`` (torch orientation), ``lora_A = R[:r]``, ``lora_B = Q[:, :r]``.
     """
     if kind == "olora":
-        q, rr = jnp.linalg.qr(w2.T)
+        q, rr = linalg.qr(w2.T)
         return rr[:r].T, q[:, :r].T
     if niter is None:
         u, sv, vh = linalg.svd(w2, r)
@@ -125,6 +126,18 @@ def _lora_ga_factors(key, g2, w2, r: int, scale: float, ga: LoraGA):
         avg = jnp.mean(jnp.sqrt(sw))
         a, b = a * avg, b * avg
     return a, b
+
+
+# One jitted program per (shape, rank, scale, options), mapping over the stacked layers with lax.map,
+# not vmap, so that each SVD/QR runs on one matrix (see lrj.linalg.qr).
+@functools.partial(jax.jit, static_argnames=("r", "scale", "kind", "niter"))
+def _offset_stack(keys, w, *, r, scale, kind, niter):
+    return jax.lax.map(lambda x: _offset_factors(x[0], x[1], r, scale, kind, niter), (keys, w))
+
+
+@functools.partial(jax.jit, static_argnames=("r", "scale", "ga"))
+def _lora_ga_stack(keys, g, w, *, r, scale, ga):
+    return jax.lax.map(lambda x: _lora_ga_factors(x[0], x[1], x[2], r, scale, ga), (keys, g, w))
 
 
 def _check_lora_ga(ga) -> LoraGA:
@@ -289,11 +302,9 @@ def lora(
                         found_shape = None if g is None else tuple(jnp.shape(g))
                         raise ValueError(f"`grads` has no gradient of shape {tuple(tree_lib.shape_of(t.leaf))} at {t.path!r} (found {found_shape})")
                     linalg.check_finite(g, f"gradient at {t.path}")
-                    factors = jax.vmap(lambda g2, w2, k2: _lora_ga_factors(k2, g2, w2, r, scale_of(t.path, r), ga))
-                    a, b = factors(jnp.reshape(g, (-1, n_in, n_out)), w, subkeys)
+                    a, b = _lora_ga_stack(subkeys, jnp.reshape(g, (-1, n_in, n_out)), w, r=r, scale=scale_of(t.path, r), ga=ga)
                 else:
-                    factors = jax.vmap(lambda w2, k2: _offset_factors(k2, w2, r, scale_of(t.path, r), init_kind, niter))
-                    a, b = factors(w, subkeys)
+                    a, b = _offset_stack(subkeys, w, r=r, scale=scale_of(t.path, r), kind=init_kind, niter=niter)
                 out[t.keys] = {"a": a.reshape(a_shape).astype(dtype), "b": b.reshape(b_shape).astype(dtype)}
                 continue
             if t.is_embedding:
