@@ -124,13 +124,18 @@ def dora(
             norm = lax.stop_gradient(norm)
         g = (m.astype(jnp.float32) / norm).astype(y.dtype)
         xd = base.dropout(dropout_key, x, dropout)
+        delta = base.match_sharding(base.low_rank(site, xd, a, b, scale).astype(y.dtype), y)
+        # y + (g - 1) base + g delta, written as rest + g (base + delta) so that the backward pass
+        # keeps one [tokens, out] tensor per layer (base + delta) for dL/dm instead of two.
         if xd is x:
-            base_out = y if site.bias is None else y - site.bias.astype(y.dtype)
-        else:  # peft: with active dropout the magnitude rescales the dropped input's base output
-            dtype = site.dtype or jnp.result_type(x, kernel)
-            base_out = base.contract(xd.astype(dtype), kernel.astype(dtype), site.inputs).astype(y.dtype)
-        delta = base.low_rank(site, xd, a, b, scale).astype(y.dtype)
-        return y + base.match_sharding((g - 1) * base_out + g * delta, y)
+            if site.bias is None:
+                return g * (y + delta)
+            bias = site.bias.astype(y.dtype)
+            return bias + g * ((y - bias) + delta)
+        # peft: with active dropout the magnitude rescales the dropped input's base output
+        dtype = site.dtype or jnp.result_type(x, kernel)
+        base_out = base.match_sharding(base.contract(xd.astype(dtype), kernel.astype(dtype), site.inputs).astype(y.dtype), y)
+        return (y - base_out) + g * (base_out + delta)
 
     def _norms(params, adapter_params):
         out = {}
