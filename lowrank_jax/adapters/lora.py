@@ -41,13 +41,14 @@ class LoraGA(NamedTuple):
       ``a = u[:, r:2r]``, ``b = vh[:r]``; ``"ArBr"`` ``a = u[:, 1:2r:2]``, ``b = vh[0:2r:2]``.
     scale: ``"stable"`` (default) multiplies by ``out^{1/4} / sqrt(stable_gamma)``; official
       convention also ``"gd"`` (divide by ``s``), ``"unit"`` (none), ``"weightS"`` (the mean of
-      ``sqrt(sigma_i(W) / s)`` over the top ``r``); peft convention ``"stable"`` (``b`` only),
+      ``sqrt(sigma_i(W) / s)`` over the top ``r``, exact singular values of ``W`` where the official code
+      takes them from ``torch.svd_lowrank(W, q=4r, niter=4)``); peft convention ``"stable"`` (``b`` only),
       ``"gd_scale"``, ``"unit"``, ``"weight_svd"`` (``b`` times ``sigma_1(W) / sigma_{b,1}``, with an
       exact ``sigma_1(W)`` where peft takes it from ``torch.svd_lowrank(W, q=r)``).
     stable_gamma: ``gamma`` of the stable scale (16 in both references).
     niter: power iterations of the randomized SVD of ``G`` with ``min(4r, in, out)`` probes, as both
       references call ``torch.svd_lowrank(G, q=min(4r, ...), niter=4)``; ``None``: exact SVD.
-    convention: ``"official"`` (the paper's repository, the default) or ``"peft"`` (peft >= 0.18).
+    convention: ``"official"`` (the paper's repository, the default) or ``"peft"`` (as in peft 0.21.2).
     """
 
     direction: str = "ArB2r"
