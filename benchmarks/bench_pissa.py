@@ -17,14 +17,14 @@ scanned blocks (``lowrank_jax.io.gguf.load_smollm2(scan_layers=True)``; kernels
 
 *Time.* Wall-clock of ``adapter.init(key, {"params": params})`` with
 ``jax.block_until_ready``, called *eagerly*, as ``lowrank-jax finetune`` calls it
-(op-by-op dispatch; each SVD/QR is one batched call over the 30 layers of a kernel).
+(per kernel, one cached jitted program that maps over its 30 layers).
 The first call (tracing and compiling every op) is reported separately, then
 ``runs`` timed calls; the inits of one rank run round-robin (one call each per round),
 so each fast/exact ratio is the median over rounds of the ratio within a round.
-``jax.jit(adapter.init)`` over the whole tree hangs on this jax (0.10.2, CPU) when
-it holds all seven kernels (see the notes in the JSON), so with ``--jit`` the init is
-additionally jitted *per kernel kind* (7 compiled programs, each over the 30 layers):
-compile time and run time are reported as the sums over the 7.
+With ``--jit``, ``jax.jit(adapter.init)`` over the whole tree is also timed (compile
+time separately). The offset inits map over the 30 stacked layers with ``lax.map``
+(one matrix per SVD/QR): batched QRs of several kernels in one program deadlock in
+XLA's CPU runtime on jax 0.10.2 (see ``lrj.linalg.qr``).
 
 *Error.* For each of the 210 matrices ``W`` (float32; computed in float64 on the
 host), the relative Frobenius error ``||W - s A B||_F / ||W||_F`` of the exact and
@@ -56,12 +56,6 @@ import lowrank_jax as lrj
 RESULTS = Path(__file__).resolve().parent / "results" / "pissa.json"
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGETS = rf".*/({'|'.join(LINEAR_NAMES)})/kernel"
-JIT_NOTE = (
-    "jax.jit(adapter.init) of the whole tree (all seven kernel kinds in one program) never returns on "
-    "jax 0.10.2 / CPU (the compiled program waits forever in block_until_ready, for pissa_niter_<n> already "
-    "at 2 layers; XLA_FLAGS=--xla_cpu_multi_thread_eigen=false does not help); one kernel kind per program "
-    "runs, so --jit times that."
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,34 +145,24 @@ def time_eager(cfg: Config, variables, layouts, rank: int) -> tuple[dict, dict]:
     return rows, lps
 
 
-def time_jit_per_kind(cfg: Config, params, layouts, rank: int) -> dict:
-    """Per init: the sums over the 7 kernel kinds of compile time and of each timed run (``jax.jit(adapter.init)``
-    on a tree holding one kind's ``[L, in, out]`` kernel)."""
-    from lowrank_jax import tree as tree_lib
-
+def time_jit(cfg: Config, params, layouts, rank: int) -> dict:
+    """Per init: compile time, first call and each timed run of ``jax.jit(adapter.init)`` on the whole tree."""
     names = init_names(cfg)
     key = jax.random.key(cfg.seed)
-    subtrees = []
-    for keys, path, leaf in tree_lib.flatten_with_paths({"params": params}):
-        if re.fullmatch(TARGETS, path):
-            subtrees.append(tree_lib.nest({keys: leaf}))
-    rows = {n: {"compile_s": 0.0, "times_s": [0.0] * cfg.runs, "first_call_s": 0.0} for n in names}
-    compiled = {}
+    tree = {"params": params}
+    rows, compiled = {}, {}
     for n in names:
-        adapter = make_adapter(cfg, layouts, rank, n)
-        for i, sub in enumerate(subtrees):
-            t0 = time.perf_counter()
-            compiled[n, i] = jax.jit(adapter.init).lower(key, sub).compile()
-            rows[n]["compile_s"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled[n, i](key, sub))
-            rows[n]["first_call_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        compiled[n] = jax.jit(make_adapter(cfg, layouts, rank, n).init).lower(key, tree).compile()
+        compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled[n](key, tree))
+        rows[n] = {"compile_s": compile_s, "first_call_s": time.perf_counter() - t0, "times_s": []}
     for run in range(cfg.runs):
         for n in names:
-            for i, sub in enumerate(subtrees):
-                t0 = time.perf_counter()
-                jax.block_until_ready(compiled[n, i](key, sub))
-                rows[n]["times_s"][run] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled[n](key, tree))
+            rows[n]["times_s"].append(time.perf_counter() - t0)
         print(f"  rank {rank} jit round {run + 1}/{cfg.runs}", file=sys.stderr, flush=True)
     return rows
 
@@ -223,7 +207,7 @@ def run(cfg: Config, *, out: Path | None = RESULTS, command: str | None = None) 
     for rank in cfg.ranks:
         eager, lps = time_eager(cfg, variables, layouts, rank)
         add_time_ratios(eager)
-        jitted = time_jit_per_kind(cfg, params, layouts, rank) if cfg.jit else None
+        jitted = time_jit(cfg, params, layouts, rank) if cfg.jit else None
         if jitted:
             add_time_ratios(jitted)
         scale = cfg.alpha / rank
@@ -241,7 +225,7 @@ def run(cfg: Config, *, out: Path | None = RESULTS, command: str | None = None) 
                     [(e - o) / o for e, o in zip(err[p], optimal[rank][p])])) for p in ws},
             }
             if jitted:
-                row["jit_per_kind"] = jitted[n]
+                row["jit"] = jitted[n]
             rows.append(row)
     result = {
         "command": command,
@@ -252,7 +236,6 @@ def run(cfg: Config, *, out: Path | None = RESULTS, command: str | None = None) 
         "optimal_per_target": {str(r): optimal[r] for r in cfg.ranks},
         "optimal_svd_s": optimal_s,
         "rows": rows,
-        "notes": [JIT_NOTE],
         "wall_s": time.perf_counter() - t_start,
     }
     if out is not None:
@@ -262,7 +245,7 @@ def run(cfg: Config, *, out: Path | None = RESULTS, command: str | None = None) 
 
 
 def format_table(result: dict) -> str:
-    jit = any("jit_per_kind" in r for r in result["rows"])
+    jit = any("jit" in r for r in result["rows"])
     header = ["rank", "init", "first call s", "median s", "x exact (min)"]
     if jit:
         header += ["jit compile s", "jit median s", "jit x exact (min)"]
@@ -273,7 +256,7 @@ def format_table(result: dict) -> str:
         cells = [str(r["rank"]), r["init"], f"{e['first_call_s']:.2f}", f"{e['time_s']:.2f}",
                  f"{e['time_ratio']:.3f} ({e['time_ratio_min']:.3f})"]
         if jit:
-            j = r["jit_per_kind"]
+            j = r["jit"]
             cells += [f"{j['compile_s']:.2f}", f"{j['time_s']:.2f}", f"{j['time_ratio']:.3f} ({j['time_ratio_min']:.3f})"]
         cells += [f"{r['error']['median']:.6f}", f"{r['error']['max']:.6f}",
                   f"{r['excess_over_optimal']['median']:.2e}", f"{r['excess_over_optimal']['max']:.2e}"]
@@ -290,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1 timed run per init")
     p.add_argument("--tiny", action="store_true", help="a small random LLaMA instead of SmolLM2 (no model package)")
-    p.add_argument("--jit", action="store_true", help="also time jax.jit(adapter.init), one kernel kind per program")
+    p.add_argument("--jit", action="store_true", help="also time jax.jit(adapter.init) of the whole tree")
     p.add_argument("--ranks", type=int, nargs="+", default=None)
     p.add_argument("--niters", type=int, nargs="+", default=None)
     p.add_argument("--runs", type=int, default=None)
@@ -306,8 +289,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {result['config']['model']}, {result['config']['matrices']} matrices; "
           f"load average {result['load_average']['start'][0]:.2f} -> {result['load_average']['end'][0]:.2f}")
     print(format_table(result))
-    for note in result["notes"]:
-        print(note)
     if a.out is not None:
         print(f"wrote {a.out}")
     return 0
