@@ -6,23 +6,11 @@ Eckart-Young optimum and no fast init beats it), not the measured ratios, which 
 mean something at the benchmarks' default sizes.
 """
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
+from test_benchmarks import load
 
 
 @pytest.fixture(scope="module")
