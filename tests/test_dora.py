@@ -176,3 +176,9 @@ def test_dora_rejects_embeddings():
     params = {"params": {"emb": {"embedding": jnp.ones((10, 4))}}}
     with pytest.raises(ValueError, match="DoRA supports linear layers only; 'params/emb/embedding' is an embedding"):
         lrj.dora(rank=2, targets=".*").init(jax.random.key(0), params)
+
+
+def test_dora_rejects_offset_inits():
+    for init in ("pissa", "pissa_niter_4", "olora", "lora_ga"):
+        with pytest.raises(ValueError, match="offset inits .* are for lrj.lora only"):
+            lrj.dora(init=init)

@@ -88,6 +88,8 @@ def dora(
       >>> lp["params"]["Dense_0"]["kernel"]["m"]  # ||W||_c = sqrt(4)
       Array([2., 2., 2.], dtype=float32)
     """
+    if isinstance(init, str) and init.startswith(("pissa", "olora", "lora_ga")):
+        raise ValueError(f"DoRA takes init 'kaiming' or 'gaussian'; offset inits ({init!r}) are for lrj.lora only")
     inner = lora(rank, alpha, targets, rslora=rslora, dropout=dropout, init=init, rank_pattern=rank_pattern,
                  alpha_pattern=alpha_pattern, layouts=layouts, param_dtype=param_dtype)
     names = frozenset("abm")
