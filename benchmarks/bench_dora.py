@@ -40,7 +40,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -54,6 +53,7 @@ import numpy as np
 import optax
 
 import lowrank_jax as lrj
+from _machine import machine  # benchmarks/_machine.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dora.json"
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -326,19 +326,6 @@ def loss_check(rows: list[dict]) -> dict:
     diffs = {r["variant"]: r["loss_step0"] - lora for r in rows if not r["baseline"]}
     return {"lora_loss_step0": lora, "differences": diffs,
             "max_abs_difference_adapters": max((abs(d) for k, d in diffs.items() if k.startswith("DoRA")), default=0.0)}
-
-
-def machine() -> dict:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
-            os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
-            "jax_backend": jax.default_backend(), "flax": __import__("flax").__version__, "optax": optax.__version__}
 
 
 def run(cfg: Config, *, out: Path | None = RESULTS, command: str | None = None) -> dict:

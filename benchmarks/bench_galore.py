@@ -43,7 +43,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -55,6 +54,7 @@ import numpy as np
 import optax
 
 import lowrank_jax.optim as lo
+from _machine import machine  # benchmarks/_machine.py
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "galore.json"
@@ -287,18 +287,6 @@ def parity() -> dict | None:
 
 
 # ----------------------------------------------------------------------------- report
-
-def machine() -> dict:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
-            os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__, "optax": optax.__version__}
-
 
 def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     header = [c[0] for c in cols]

@@ -44,7 +44,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -61,6 +60,7 @@ import optax
 from flax import nnx
 
 import lowrank_jax as lrj
+from _machine import machine  # benchmarks/_machine.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lora.json"
 LOOP_NOTE = (
@@ -482,25 +482,6 @@ def check_expectations(rows: list[dict]) -> list[str]:
 
 def _default_shapes(cfg: Config) -> bool:
     return (cfg.d, cfg.layers, cfg.tokens, cfg.rank) == (FULL.d, FULL.layers, FULL.tokens, FULL.rank)
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jax_backend": jax.default_backend(),
-        "flax": __import__("flax").__version__,
-        "optax": optax.__version__,
-    }
 
 
 def run(cfg: Config, *, torch: bool = True, out: Path | None = RESULTS, command: str | None = None) -> dict:

@@ -40,7 +40,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -52,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lowrank_jax as lrj
+from _machine import machine  # benchmarks/_machine.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pissa.json"
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -177,19 +177,6 @@ def add_time_ratios(rows: dict) -> None:
         r["time_s"] = statistics.median(r["times_s"])
         r["time_ratio"] = statistics.median(t / e for t, e in zip(r["times_s"], exact["times_s"]))
         r["time_ratio_min"] = min(r["times_s"]) / min(exact["times_s"])
-
-
-def machine() -> dict:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
-            os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
-            "jax_backend": jax.default_backend()}
 
 
 def run(cfg: Config, *, out: Path | None = RESULTS, command: str | None = None) -> dict:
