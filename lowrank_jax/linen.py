@@ -116,7 +116,7 @@ def _call_dense(module, method_name: str, args, kwargs, name: str, kernel):
     return module.clone(parent=None).apply({"params": params}, *args, method=method_name, **kwargs)
 
 
-def _interceptor(adapter: base.Adapter | None):
+def _interceptor(adapter: base.Adapter | None, executed: set | None = None):
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         kind = _kind(module, context.method_name)
@@ -141,6 +141,8 @@ def _interceptor(adapter: base.Adapter | None):
         x, site, out_perm = _site_input(module, kind, args, kwargs, kernel)
         leaves = {k: v for k, v in injected.items() if k in adapter.leaf_names}
         path = "/".join(("params", *module.scope.path, name))
+        if executed is not None:
+            executed.add(path)
         if out_perm is not None:
             y = jnp.transpose(y, tuple(sorted(range(len(out_perm)), key=out_perm.__getitem__)))
         y = adapter.apply(leaves, site, x, y, path=path, dropout_key=injected.get("dropout_key"))
@@ -193,10 +195,28 @@ def apply(model: nn.Module, adapter: base.Adapter, variables, adapter_params, *a
       adapter_params: the adapter's trainable tree (``adapter.init(key, variables)``).
       *args, **kwargs: passed to ``model.apply`` (``method=``, ``rngs=``, ``mutable=``...).
       dropout_rng: key for dropout on the adapter branch; ``None`` disables it (eval).
+
+    Raises:
+      ValueError: naming every target that no supported layer call executed (a custom layer
+        contracting with a targeted kernel, or a layer this call does not use): such a target
+        would otherwise silently get zero gradients.
     """
     injected = inject(adapter, variables, adapter_params, dropout_rng=dropout_rng)
-    with nn.intercept_methods(_interceptor(adapter)):
-        return model.apply(injected, *args, **kwargs)
+    executed: set[str] = set()
+    with nn.intercept_methods(_interceptor(adapter, executed)):
+        out = model.apply(injected, *args, **kwargs)
+    targets = [path for _, path, _, _ in base.resolve_targets(adapter_params, variables, adapter.leaf_names)]
+    missed = [path for path in targets if path not in executed]
+    if missed:
+        # A target no supported layer call executed would get zero gradients and a merge that differs
+        # from the factored output: refuse instead of a silent no-op.
+        raise ValueError(
+            f"adapter targets were not executed by this call: {missed[:8]}{' ...' if len(missed) > 8 else ''}. "
+            f"The bridge adapts nn.Dense, nn.DenseGeneral, nn.Einsum and nn.Embed calls; a target read by "
+            f"another layer (for example `x @ self.param('kernel', ...)` in a custom module) or not used by "
+            f"this `method=` is not adapted. Narrow `targets`, or use a supported layer."
+        )
+    return out
 
 
 def apply_base(model: nn.Module, variables, *args, **kwargs) -> Any:

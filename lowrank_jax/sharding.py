@@ -5,6 +5,8 @@ Rule (``kernel: [*stack, *inputs, *outputs]`` with spec ``(S..., I..., O...)``):
 ``b: [*stack, r, *outputs]`` gets ``(S..., None, O...)``. The rank axis is never
 sharded (it is small), so ``x @ a`` needs the same collective as ``x @ W`` over
 the input axes, and ``(x a) @ b`` produces the same output sharding as ``x @ W``.
+In general each leaf axis takes the spec of the kernel axis whose role it has
+(:attr:`lrj.Adapter.roles`): stack, input and output axes inherit, rank axes are replicated.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def _spec_of(sharding, ndim: int) -> tuple:
     return spec + (None,) * (ndim - len(spec))
 
 
-def adapter_shardings(params, adapter_params, shardings=None):
+def adapter_shardings(params, adapter_params, shardings=None, *, adapter: base.Adapter | None = None):
     """A tree of shardings for ``adapter_params`` (arrays or ``jax.ShapeDtypeStruct``s).
 
     Args:
@@ -31,6 +33,8 @@ def adapter_shardings(params, adapter_params, shardings=None):
         ``.sharding``, unless ``shardings`` is given.
       adapter_params: the adapter tree (or ``jax.eval_shape(adapter.init, key, params)``).
       shardings: optional tree of ``NamedSharding`` matching ``params``.
+      adapter: the adapter that made ``adapter_params``; its :attr:`~lrj.Adapter.roles` say what
+        each leaf's axes are. Default: LoRA's roles plus ``m = ("stack", "out")`` (DoRA).
 
     Returns:
       A tree like ``adapter_params`` of ``NamedSharding`` (or the kernel's own
@@ -44,6 +48,7 @@ def adapter_shardings(params, adapter_params, shardings=None):
     names = frozenset(
         tree_lib._key_name(kp[-1]) for kp, _ in jax.tree_util.tree_flatten_with_path(adapter_params)[0]
     )
+    roles = dict(adapter.roles or {}) if adapter is not None else {**base.LORA_ROLES, "m": ("stack", "out")}
     out = {}
     for keys, path, kernel, leaves in base.resolve_targets(adapter_params, params, names):
         if isinstance(shardings, NamedSharding):
@@ -55,18 +60,26 @@ def adapter_shardings(params, adapter_params, shardings=None):
         if sharding is None:
             raise ValueError(f"no sharding for {path!r}: pass arrays/ShapeDtypeStructs with shardings or `shardings=`")
         layout = base.derive_layout(path, tree_lib.shape_of(kernel), leaves["a"].shape, leaves["b"].shape)
+        ndim = len(tree_lib.shape_of(kernel))
         entry = {}
         for name in leaves:
             if not isinstance(sharding, NamedSharding):
                 entry[name] = sharding
                 continue
-            stack, ins, outs = layout.split(_spec_of(sharding, len(tree_lib.shape_of(kernel))))
-            if name == "a":
-                spec = (*stack, *ins, None)
-            elif name == "b":
-                spec = (*stack, None, *outs)
-            else:
-                raise ValueError(f"no sharding rule for adapter leaf {name!r} at {path!r}")
+            if name not in roles:
+                raise ValueError(f"no axis roles declared for adapter leaf {name!r} at {path!r}; "
+                                 f"pass the adapter (`adapter=`) whose `roles` declare it")
+            kernel_spec = _spec_of(sharding, ndim)
+            by_role = dict(zip(("stack", "in", "out"), layout.split(kernel_spec)))
+            axes = base.leaf_axes(roles[name], layout, ndim)
+            taken = {k: 0 for k in by_role}
+            spec = []
+            for role in axes:
+                if role in by_role:
+                    spec.append(by_role[role][taken[role]])
+                    taken[role] += 1
+                else:  # rank, expert... axes of the adapter alone are replicated
+                    spec.append(None)
             entry[name] = NamedSharding(sharding.mesh, PartitionSpec(*spec))
         out[keys] = entry
     return tree_lib.nest(out)

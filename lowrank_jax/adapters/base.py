@@ -57,6 +57,12 @@ class Adapter(NamedTuple):
     penalty(params, adapter_params) -> scalar: the method's regulariser before its weight.
     leaf_names: names of the leaves under each target (``{"a", "b"}`` for LoRA).
     config: the hyper-parameters, for summaries and checkpoints.
+    roles: ``{leaf name: axis roles}``, what each leaf's axes are, as a pattern over the
+      target kernel's layout ``[*stack, *inputs, *outputs]``: ``"stack"``, ``"in"`` and
+      ``"out"`` each stand for all of the kernel's axes of that kind, ``"rank"`` for an
+      adapter-only axis (never sharded). LoRA: ``a = ("stack", "in", "rank")``,
+      ``b = ("stack", "rank", "out")``; DoRA adds ``m = ("stack", "out")``. Sharding is
+      derived from these roles (:func:`leaf_axes`), not from leaf names.
     """
 
     init: Callable
@@ -66,6 +72,25 @@ class Adapter(NamedTuple):
     penalty: Callable
     leaf_names: frozenset
     config: dict
+    roles: dict | None = None
+
+
+#: The axis roles of LoRA's factors (also DoRA's); see :attr:`Adapter.roles`.
+LORA_ROLES = {"a": ("stack", "in", "rank"), "b": ("stack", "rank", "out")}
+
+
+def leaf_axes(pattern, layout: tree_lib.Layout, kernel_ndim: int) -> tuple[str, ...]:
+    """The role of each axis of a leaf: ``pattern`` with ``"stack"``/``"in"``/``"out"`` expanded
+    to as many axes as the kernel's layout has of each kind.
+
+    >>> leaf_axes(("stack", "in", "rank"), tree_lib.Layout(1, 2), 4)
+    ('stack', 'in', 'in', 'rank')
+    """
+    counts = {"stack": layout.stack, "in": layout.inputs, "out": kernel_ndim - layout.stack - layout.inputs}
+    out: list[str] = []
+    for role in pattern:
+        out.extend([role] * counts.get(role, 1))
+    return tuple(out)
 
 
 def _explicit_spec(x) -> tuple | None:

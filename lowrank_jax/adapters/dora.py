@@ -181,7 +181,8 @@ def dora(
         return inner.penalty(params, tree_lib.nest(factors))
 
     config = {**inner.config, "method": "dora", "detach_norm": detach_norm}
-    return base.Adapter(init_fn, apply_fn, merge_fn, unmerge_fn, penalty_fn, names, config)
+    return base.Adapter(init_fn, apply_fn, merge_fn, unmerge_fn, penalty_fn, names, config,
+                        {**base.LORA_ROLES, "m": ("stack", "out")})
 
 
 def weight_norms(adapter: base.Adapter, params, adapter_params) -> dict:

@@ -366,7 +366,7 @@ def lora(
     )
     if ga is not None:
         config["lora_ga"] = ga._asdict()
-    return base.Adapter(init_fn, apply_fn, merge_fn, unmerge_fn, penalty_fn, frozenset("ab"), config)
+    return base.Adapter(init_fn, apply_fn, merge_fn, unmerge_fn, penalty_fn, frozenset("ab"), config, dict(base.LORA_ROLES))
 
 
 def init_with_residual(adapter: base.Adapter, key, params, **init_kwargs) -> tuple[Any, Any]:
