@@ -17,8 +17,8 @@ bit (signed version, for the first moment), a run of zero bits selecting the
 decade ``10^{-e}``, and a linear fraction, so values from ``1e-7`` to ``1`` of a
 block's maximum keep about two significant digits. The unsigned version (for the
 second moment) spends the sign bit on the fraction. :func:`dynamic_map` rebuilds
-``bitsandbytes.functional.create_dynamic_map`` (to two float32 ulps; checked against
-tables recorded from bitsandbytes); quantisation rounds to the nearest code, which agrees
+``bitsandbytes.functional.create_dynamic_map`` bit-exactly (it is
+:func:`lowrank_jax.quant.codes.create_dynamic_map`); quantisation rounds to the nearest code, which agrees
 with bitsandbytes' CPU ``quantize_blockwise`` except for values within a rounding
 error of the midpoint between two codes.
 """
@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank_jax.adapters import base
+from lowrank_jax.quant import codes
 
 __all__ = ["QuantizedMoment", "dynamic_map", "quantize", "dequantize"]
 
@@ -49,38 +50,7 @@ class QuantizedMoment(NamedTuple):
     absmax: jax.Array
 
 
-@functools.cache
-def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> np.ndarray:
-    """The 256-entry dynamic code book, sorted ascending (float32).
-
-    bitsandbytes' ``create_dynamic_map`` with the same arguments, computed in float64
-    and rounded once (bitsandbytes rounds ``torch.linspace`` in float32 first, so
-    some entries differ from its table by one or two float32 ulps).
-    """
-    non_sign_bits = total_bits - 1
-    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
-    data: list[float] = []
-    i = 0
-    for i in range(max_exponent_bits):
-        bits = i + non_sign_bits - max_exponent_bits + (0 if signed else 1)
-        bounds = np.linspace(0.1, 1, 2**bits + 1)
-        means = (bounds[:-1] + bounds[1:]) / 2
-        decade = 10.0 ** (-(max_exponent_bits - 1) + i)
-        data += (decade * means).tolist()
-        if signed:
-            data += (-decade * means).tolist()
-    if additional_items > 0:
-        bounds = np.linspace(0.1, 1, additional_items + 1)
-        means = (bounds[:-1] + bounds[1:]) / 2
-        decade = 10.0 ** (-(max_exponent_bits - 1) + i)
-        data += (decade * means).tolist()
-        if signed:
-            data += (-decade * means).tolist()
-    data += [0.0, 1.0]
-    data += [0.0] * (2**total_bits - len(data))
-    table = np.sort(np.asarray(data, dtype=np.float32))
-    table.flags.writeable = False
-    return table
+dynamic_map = codes.create_dynamic_map
 
 
 def n_blocks(size: int, block_size: int) -> int:
