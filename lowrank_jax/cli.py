@@ -83,31 +83,22 @@ def _cmd_generate(args) -> int:
 
 
 def hf_state_dict(params) -> dict:
-    """Flax LLaMA params (scanned or not) -> transformers' names and ``[out, in]`` orientation, as numpy."""
+    """Flax LLaMA params (scanned or not) -> transformers' names and ``[out, in]`` orientation, as numpy.
+
+    The names are :func:`lowrank_jax.io.hf_names.llama_tensor_name`'s.
+    """
     import numpy as np
 
+    from lowrank_jax import tree as tree_lib
+    from lowrank_jax.io import hf_names
     from lowrank_jax.models.llama import unstack_layers
 
     if "layers" in params:
         params = unstack_layers(params)
     out = {}
-    for name, node in params.items():
-        if name == "embed_tokens":
-            out["model.embed_tokens.weight"] = np.asarray(node["embedding"])
-        elif name == "norm":
-            out["model.norm.weight"] = np.asarray(node["scale"])
-        elif name == "lm_head":
-            out["lm_head.weight"] = np.asarray(node["kernel"]).T
-        elif name.startswith("layers_"):
-            i = int(name.removeprefix("layers_"))
-            for group, modules in node.items():
-                if "scale" in modules:  # an RMSNorm
-                    out[f"model.layers.{i}.{group}.weight"] = np.asarray(modules["scale"])
-                    continue
-                for module, leaves in modules.items():
-                    out[f"model.layers.{i}.{group}.{module}.weight"] = np.asarray(leaves["kernel"]).T
-        else:
-            raise ValueError(f"unexpected parameter group {name!r}")
+    for _, path, leaf in tree_lib.flatten_with_paths(params):
+        value = np.asarray(leaf)
+        out[hf_names.llama_tensor_name(path)] = value.T if hf_names.is_transposed(path) else value
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 

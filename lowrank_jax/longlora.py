@@ -56,7 +56,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +67,9 @@ from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import base
 from lowrank_jax.adapters.lora import lora
 from lowrank_jax.attention.s2 import S2Attention
-from lowrank_jax.models import llama
+
+if TYPE_CHECKING:  # annotations only: `import lowrank_jax` must not import the models (the application)
+    from lowrank_jax.models import llama
 
 __all__ = [
     "EXTRA_TRAINABLE",
@@ -302,6 +304,8 @@ def perplexity(model: llama.LlamaForCausalLM, params, token_ids, target_len: int
     n = int(np.size(token_ids))
     if n < target_len:
         raise ValueError(f"perplexity at {target_len} tokens needs at least {target_len} tokens, got {n}")
+    from lowrank_jax.models import llama
+
     return llama.perplexity(model, params, token_ids, window=target_len, batch_size=batch_size)
 
 
@@ -406,7 +410,8 @@ def passkey_retrieval(model: llama.LlamaForCausalLM, params, tokenizer, prompt: 
       generate: defaults to :func:`lowrank_jax.models.llama.generate` (greedy);
         any function with its signature.
     """
-    generate = llama.generate if generate is None else generate
+    if generate is None:
+        from lowrank_jax.models.llama import generate
     if max_new_tokens is None:
         max_new_tokens = len(_encode(tokenizer, f" {prompt.passkey}", False)) + 2
     new = generate(model, params, [prompt.ids.tolist()], max_new_tokens=max_new_tokens)

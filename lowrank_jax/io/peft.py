@@ -11,7 +11,8 @@ N-D kernels are flattened to ``[prod(in), prod(out)]`` row-major (how a torch
 ``Linear`` sees a ``[D, N, H]`` projection), and scan-stacked kernels are split
 into one module per layer. Which torch module a Flax kernel is, is the
 caller's ``module_name(path, layer)`` (``layer`` is the index along the stack
-axis, or ``None``); :func:`llama_module_name` covers ``lowrank_jax.models.llama``.
+axis, or ``None``); :func:`llama_module_name` (from :mod:`lowrank_jax.io.hf_names`) covers
+``lowrank_jax.models.llama``.
 
 Reference matched: peft's ``save_pretrained`` / ``PeftModel.from_pretrained``
 for ``LoraConfig`` (tested against a directory written by peft 0.21.2).
@@ -30,30 +31,11 @@ import numpy as np
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import base
 from lowrank_jax.adapters.lora import lora
+from lowrank_jax.io.hf_names import llama_module_name as llama_module_name  # re-exported
 
 __all__ = ["save_peft", "load_peft", "llama_module_name"]
 
 PREFIX = "base_model.model."
-
-
-def llama_module_name(path: str, layer: int | None) -> str:
-    """``params/layers_3/self_attn/q_proj/kernel`` (or stacked ``params/layers/...`` with ``layer=3``)
-    -> ``model.layers.3.self_attn.q_proj``, as transformers' ``LlamaForCausalLM`` names it."""
-    parts = path.split("/")
-    if parts[0] == "params":
-        parts = parts[1:]
-    leaf = parts.pop()
-    if leaf not in ("kernel", "embedding"):
-        raise ValueError(f"{path!r} is not a kernel or embedding")
-    if parts[0] == "layers":
-        if layer is None:
-            raise ValueError(f"{path!r} is stacked: a layer index is needed")
-        parts[0] = f"layers.{layer}"
-    elif parts[0].startswith("layers_"):
-        parts[0] = "layers." + parts[0].removeprefix("layers_")
-    if parts == ["lm_head"]:
-        return "lm_head"
-    return "model." + ".".join(parts)
 
 
 def _targets(params, adapter_params, leaf_names=frozenset("ab")):

@@ -1,0 +1,92 @@
+"""The names transformers' ``LlamaForCausalLM`` gives the params of :mod:`lowrank_jax.models.llama`.
+
+The one place the naming rules live (string work only, no model import); used
+by :mod:`lowrank_jax.io.peft` (adapter module names) and ``lowrank-jax merge``
+(full state dicts). Flax param paths, with or without a leading ``params/``:
+
+==========================================  ============================================
+Flax path                                   transformers name
+==========================================  ============================================
+``embed_tokens/embedding``                  ``model.embed_tokens.weight``
+``layers_3/self_attn/q_proj/kernel``        ``model.layers.3.self_attn.q_proj.weight``
+``layers/self_attn/q_proj/kernel``, layer 3 ``model.layers.3.self_attn.q_proj.weight``
+``layers_3/input_layernorm/scale``          ``model.layers.3.input_layernorm.weight``
+``norm/scale``                              ``model.norm.weight``
+``lm_head/kernel``                          ``lm_head.weight``
+==========================================  ============================================
+
+``layers/...`` is the scan-stacked form (``scan_layers=True``): the layer is the
+index along the stack axis and must be given. Dense kernels are stored
+``[in, out]``, torch ``nn.Linear`` weights ``[out, in]`` (:func:`is_transposed`).
+
+Example:
+  >>> from lowrank_jax.io.hf_names import llama_module_name, llama_tensor_name
+  >>> llama_module_name("params/layers/self_attn/q_proj/kernel", 3)
+  'model.layers.3.self_attn.q_proj'
+  >>> llama_tensor_name("norm/scale"), llama_tensor_name("lm_head/kernel")
+  ('model.norm.weight', 'lm_head.weight')
+"""
+
+from __future__ import annotations
+
+__all__ = ["is_transposed", "llama_module_name", "llama_tensor_name"]
+
+_MODULE_LEAVES = ("kernel", "embedding")  # leaves of torch modules an adapter can target
+_WEIGHT_LEAVES = (*_MODULE_LEAVES, "scale")  # every LLaMA param; each is the torch module's ``.weight``
+_GROUPS = ("embed_tokens", "layers", "norm", "lm_head")  # top-level groups, besides ``layers_{i}``
+
+
+def _split(path: str) -> tuple[list[str], str]:
+    parts = path.split("/")
+    if parts[0] == "params":
+        parts = parts[1:]
+    leaf = parts.pop()
+    return parts, leaf
+
+
+def _module(path: str, parts: list[str], layer: int | str | None) -> str:
+    parts = list(parts)
+    if parts[0] == "layers":
+        if layer is None:
+            raise ValueError(f"{path!r} is stacked: a layer index is needed")
+        parts[0] = f"layers.{layer}"
+    elif parts[0].startswith("layers_"):
+        parts[0] = "layers." + parts[0].removeprefix("layers_")
+    if parts == ["lm_head"]:
+        return "lm_head"
+    return "model." + ".".join(parts)
+
+
+def llama_module_name(path: str, layer: int | str | None = None) -> str:
+    """``params/layers_3/self_attn/q_proj/kernel`` (or stacked ``params/layers/...`` with ``layer=3``)
+    -> ``model.layers.3.self_attn.q_proj``, as transformers' ``LlamaForCausalLM`` names it.
+
+    Raises:
+      ValueError: the leaf is not a ``kernel`` or ``embedding``, or a stacked path has no ``layer``.
+    """
+    parts, leaf = _split(path)
+    if leaf not in _MODULE_LEAVES:
+        raise ValueError(f"{path!r} is not a kernel or embedding")
+    return _module(path, parts, layer)
+
+
+def llama_tensor_name(path: str, layer: int | str | None = None) -> str:
+    """The state-dict key of a LLaMA param: ``layers_3/mlp/down_proj/kernel`` -> ``model.layers.3.mlp.down_proj.weight``.
+
+    Covers kernels, the embedding and RMSNorm scales (all ``.weight`` in torch).
+
+    Raises:
+      ValueError: an unknown leaf or top-level group, or a stacked path has no ``layer``.
+    """
+    parts, leaf = _split(path)
+    if leaf not in _WEIGHT_LEAVES:
+        raise ValueError(f"{path!r} is not a kernel, embedding or norm scale")
+    group = parts[0] if parts else ""
+    if group not in _GROUPS and not (group.startswith("layers_") and group.removeprefix("layers_").isdigit()):
+        raise ValueError(f"unexpected parameter group {group!r}")
+    return _module(path, parts, layer) + ".weight"
+
+
+def is_transposed(path: str) -> bool:
+    """Whether the torch tensor is the transpose of the Flax leaf (Dense ``kernel`` ``[in, out]`` vs ``[out, in]``)."""
+    return path.rsplit("/", 1)[-1] == "kernel"
