@@ -301,13 +301,9 @@ def test_galore_with_another_inner_transform():
 
 
 def test_bench_galore_runs_tiny(tmp_path):
-    import importlib.util
+    from test_benchmarks import load  # puts benchmarks/ on sys.path for their shared _machine.py
 
-    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_galore.py"
-    spec = importlib.util.spec_from_file_location("bench_galore", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_galore"] = bench
-    spec.loader.exec_module(bench)
+    bench = load("bench_galore")
     out = tmp_path / "galore.json"
     assert bench.main(["--tiny", "--rank", "4", "--gap", "10", "--runs", "1", "--warmup", "0", "--no-parity",
                        "--no-torch", "--out", str(out)]) == 0
