@@ -23,3 +23,10 @@ def test_dynamic_map_matches_bitsandbytes_exactly(signed, key):
 def test_optimizer_uses_quant_codes():
     assert _blockwise8.dynamic_map is codes.create_dynamic_map
     assert codes.create_dynamic_map(True) is codes.DYNAMIC
+
+
+def test_untabulated_dynamic_map_arguments_are_refused_with_their_values():
+    from lowrank_jax.quant import codes
+
+    with pytest.raises(ValueError, match=r"got max_exponent_bits=6, total_bits=8"):
+        codes.create_dynamic_map(True, max_exponent_bits=6)

@@ -165,7 +165,8 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     Only the default ``max_exponent_bits=7, total_bits=8`` is tabulated (bit-exact float32).
     """
     if (max_exponent_bits, total_bits) != (7, 8):
-        raise ValueError("only create_dynamic_map(max_exponent_bits=7, total_bits=8) is tabulated")
+        raise ValueError(f"only create_dynamic_map(max_exponent_bits=7, total_bits=8) is tabulated (bit-exact with "
+                         f"bitsandbytes); got max_exponent_bits={max_exponent_bits!r}, total_bits={total_bits!r}")
     return DYNAMIC if signed else DYNAMIC_UNSIGNED
 
 
