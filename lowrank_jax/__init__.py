@@ -14,6 +14,10 @@ from lowrank_jax import nnx as nnx
 from lowrank_jax import optim as optim
 from lowrank_jax import quant as quant
 from lowrank_jax.adapters.base import Adapter as Adapter
+from lowrank_jax.adapters.base import Leaf as Leaf
+from lowrank_jax.adapters.base import freeze as freeze
+from lowrank_jax.adapters.base import join as join
+from lowrank_jax.adapters.base import split as split
 from lowrank_jax.adapters.base import Site as Site
 from lowrank_jax.adapters.dora import dora as dora
 from lowrank_jax.adapters.dora import weight_norms as dora_weight_norms
@@ -35,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter",
     "Layout",
+    "Leaf",
     "LoraGA",
     "Site",
     "adapter_shardings",
@@ -42,8 +47,10 @@ __all__ = [
     "average_gradient",
     "dora",
     "dora_weight_norms",
+    "freeze",
     "grads",
     "init_with_residual",
+    "join",
     "labels",
     "linen",
     "longlora",
@@ -56,5 +63,6 @@ __all__ = [
     "offset_to_plain_lora",
     "optim",
     "quant",
+    "split",
     "trainable_summary",
 ]

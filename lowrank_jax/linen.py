@@ -16,6 +16,7 @@ backward pass.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -116,7 +117,17 @@ def _call_dense(module, method_name: str, args, kwargs, name: str, kernel):
     return module.clone(parent=None).apply({"params": params}, *args, method=method_name, **kwargs)
 
 
-def _interceptor(adapter: base.Adapter | None, executed: set | None = None):
+def _with_collection(variables, adapter_params):
+    """``(variables, adapter_params, bare)``: bare params (no ``"params"`` collection) wrapped as
+    ``{"params": params}``, and the adapter tree made for them (paths without ``"params/"``) with them."""
+    if not isinstance(variables, Mapping) or "params" in variables:
+        return variables, adapter_params, False
+    if adapter_params is not None and isinstance(adapter_params, Mapping) and "params" not in adapter_params:
+        adapter_params = {"params": adapter_params}
+    return {"params": variables}, adapter_params, True
+
+
+def _interceptor(adapter: base.Adapter | None, executed: set | None = None, strip: str = ""):
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         kind = _kind(module, context.method_name)
@@ -143,6 +154,7 @@ def _interceptor(adapter: base.Adapter | None, executed: set | None = None):
         path = "/".join(("params", *module.scope.path, name))
         if executed is not None:
             executed.add(path)
+        path = path.removeprefix(strip) if strip else path
         if out_perm is not None:
             y = jnp.transpose(y, tuple(sorted(range(len(out_perm)), key=out_perm.__getitem__)))
         y = adapter.apply(leaves, site, x, y, path=path, dropout_key=injected.get("dropout_key"))
@@ -166,10 +178,7 @@ def inject(adapter: base.Adapter, variables, adapter_params, *, dropout_rng=None
         kernel = nn.meta.unbox(kernel)
         entry = dict(leaves)
         if dropout_rng is not None and adapter.config.get("dropout", 0.0) > 0.0:
-            layout = base.derive_layout(path, tree_lib.shape_of(kernel), leaves["a"].shape, leaves["b"].shape)
-            stack = tuple(tree_lib.shape_of(kernel)[: layout.stack])
-            k = jax.random.fold_in(dropout_rng, i)
-            entry["dropout_key"] = jax.random.split(k, tree_lib.prod(stack)).reshape(stack) if stack else k
+            entry["dropout_key"] = base.dropout_keys(dropout_rng, i, path, kernel, leaves, adapter)
         entries[keys[:-1] + (keys[-1] + SUFFIX,)] = entry
 
     def add(node, keys):
@@ -191,8 +200,10 @@ def apply(model: nn.Module, adapter: base.Adapter, variables, adapter_params, *a
     Args:
       model: an unchanged linen module.
       adapter: e.g. ``lrj.lora(...)``.
-      variables: what ``model.init`` returned (``{"params": ...}``, plus any other collections).
-      adapter_params: the adapter's trainable tree (``adapter.init(key, variables)``).
+      variables: what ``model.init`` returned (``{"params": ...}``, plus any other collections),
+        or the bare ``params`` (``variables["params"]``).
+      adapter_params: the adapter's tree (``adapter.init(key, variables)``, or
+        ``adapter.init(key, params)`` for bare params, whose paths then lack ``"params/"``).
       *args, **kwargs: passed to ``model.apply`` (``method=``, ``rngs=``, ``mutable=``...).
       dropout_rng: key for dropout on the adapter branch; ``None`` disables it (eval).
 
@@ -201,12 +212,13 @@ def apply(model: nn.Module, adapter: base.Adapter, variables, adapter_params, *a
         contracting with a targeted kernel, or a layer this call does not use): such a target
         would otherwise silently get zero gradients.
     """
+    variables, adapter_params, bare = _with_collection(variables, adapter_params)
     injected = inject(adapter, variables, adapter_params, dropout_rng=dropout_rng)
     executed: set[str] = set()
-    with nn.intercept_methods(_interceptor(adapter, executed)):
+    with nn.intercept_methods(_interceptor(adapter, executed, strip="params/" if bare else "")):
         out = model.apply(injected, *args, **kwargs)
     targets = [path for _, path, _, _ in base.resolve_targets(adapter_params, variables, adapter.leaf_names)]
-    missed = [path for path in targets if path not in executed]
+    missed = [path.removeprefix("params/") if bare else path for path in targets if path not in executed]
     if missed:
         # A target no supported layer call executed would get zero gradients and a merge that differs
         # from the factored output: refuse instead of a silent no-op.
@@ -224,6 +236,7 @@ def apply_base(model: nn.Module, variables, *args, **kwargs) -> Any:
 
     Each quantised kernel is dequantised inside its layer call, in the layer's compute dtype.
     """
+    variables, _, _ = _with_collection(variables, None)
     with nn.intercept_methods(_interceptor(None)):
         return model.apply(variables, *args, **kwargs)
 

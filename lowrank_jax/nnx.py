@@ -99,9 +99,11 @@ def _run(module, kind: str, original, args, kwargs):
     if not module._lrj_adapted:
         return y
     token, path = module._lrj_token, module._lrj_path
-    adapter = _ACTIVE.get().get(token)
-    if adapter is None:
+    active = _ACTIVE.get().get(token)
+    if active is None:
         raise RuntimeError(f"adapted layer {path!r} was called outside lrj.nnx.apply")
+    adapter, executed = active
+    executed.add(path)
     leaves = {n: getattr(module, PREFIX + n)[...] for n in adapter.leaf_names}
     key_var = getattr(module, PREFIX + "dropout_key", None)
     x, site, out_perm = _site_input(module, kind, args, kwargs, kernel)
@@ -126,8 +128,8 @@ def _adapted_class(cls: type) -> type:
 
 
 @contextlib.contextmanager
-def _active(token: int, adapter):
-    reset = _ACTIVE.set({**_ACTIVE.get(), token: adapter})
+def _active(token: int, adapter, executed: set):
+    reset = _ACTIVE.set({**_ACTIVE.get(), token: (adapter, executed)})
     try:
         yield
     finally:
@@ -161,11 +163,8 @@ def adapted_copy(model, adapter: base.Adapter | None, adapter_params, *, dropout
         for n, v in leaves.items():
             setattr(module, PREFIX + n, AdapterParam(v))
         if dropout_rng is not None and adapter.config.get("dropout", 0.0) > 0.0:
-            layout = base.derive_layout(path, tree_lib.shape_of(kernel), leaves["a"].shape, leaves["b"].shape)
-            stack = tuple(tree_lib.shape_of(kernel)[: layout.stack])
-            k = jax.random.fold_in(dropout_rng, i)
             setattr(module, PREFIX + "dropout_key",
-                    AdapterParam(jax.random.split(k, tree_lib.prod(stack)).reshape(stack) if stack else k))
+                    AdapterParam(base.dropout_keys(dropout_rng, i, path, kernel, leaves, adapter)))
     return clone, token
 
 
@@ -174,10 +173,22 @@ def apply(model, adapter: base.Adapter, adapter_params, *args, dropout_rng=None,
 
     ``model`` is left unchanged: the call runs on a copy of its graph. Works
     under ``jax.jit``/``jax.grad`` with respect to ``adapter_params``.
+
+    Raises:
+      ValueError: naming every target the call did not execute (it would get zero gradients).
     """
     clone, token = adapted_copy(model, adapter, adapter_params, dropout_rng=dropout_rng)
-    with _active(token, adapter):
-        return getattr(clone, method)(*args, **kwargs)
+    executed: set[str] = set()
+    with _active(token, adapter, executed):
+        out = getattr(clone, method)(*args, **kwargs)
+    targets = [path for _, path, _, _ in base.resolve_targets(adapter_params, params(clone), adapter.leaf_names)]
+    missed = [path for path in targets if path not in executed]
+    if missed:
+        raise ValueError(
+            f"adapter targets were not executed by this call: {missed[:8]}{' ...' if len(missed) > 8 else ''}. "
+            f"A targeted layer this `method=` does not call gets no gradient; narrow `targets`."
+        )
+    return out
 
 
 def apply_base(model, *args, method: str = "__call__", **kwargs):

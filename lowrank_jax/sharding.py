@@ -48,7 +48,7 @@ def adapter_shardings(params, adapter_params, shardings=None, *, adapter: base.A
     names = frozenset(
         tree_lib._key_name(kp[-1]) for kp, _ in jax.tree_util.tree_flatten_with_path(adapter_params)[0]
     )
-    roles = dict(adapter.roles or {}) if adapter is not None else {**base.LORA_ROLES, "m": ("stack", "out")}
+    roles = base.roles_of(adapter) if adapter is not None else {**base.LORA_ROLES, "m": base.Leaf(("stack", "out"))}
     out = {}
     for keys, path, kernel, leaves in base.resolve_targets(adapter_params, params, names):
         if isinstance(shardings, NamedSharding):
@@ -59,16 +59,17 @@ def adapter_shardings(params, adapter_params, shardings=None, *, adapter: base.A
             sharding = getattr(kernel, "sharding", None)
         if sharding is None:
             raise ValueError(f"no sharding for {path!r}: pass arrays/ShapeDtypeStructs with shardings or `shardings=`")
-        layout = base.derive_layout(path, tree_lib.shape_of(kernel), leaves["a"].shape, leaves["b"].shape)
+        undeclared = sorted(set(leaves) - set(roles))
+        if undeclared and isinstance(sharding, NamedSharding):
+            raise ValueError(f"no axis roles declared for adapter leaf {undeclared[0]!r} at {path!r}; "
+                             f"pass the adapter (`adapter=`) whose `roles` declare it")
+        layout = base.layout_of(path, tree_lib.shape_of(kernel), leaves, roles) if not undeclared else None
         ndim = len(tree_lib.shape_of(kernel))
         entry = {}
         for name in leaves:
             if not isinstance(sharding, NamedSharding):
                 entry[name] = sharding
                 continue
-            if name not in roles:
-                raise ValueError(f"no axis roles declared for adapter leaf {name!r} at {path!r}; "
-                                 f"pass the adapter (`adapter=`) whose `roles` declare it")
             kernel_spec = _spec_of(sharding, ndim)
             by_role = dict(zip(("stack", "in", "out"), layout.split(kernel_spec)))
             axes = base.leaf_axes(roles[name], layout, ndim)

@@ -23,11 +23,16 @@ def make_train_step(
     penalty: float = 0.0,
     has_aux: bool = False,
 ):
-    r"""A train step that differentiates only the adapter tree.
+    r"""A train step that differentiates only the adapter's trainable leaves.
 
     ``loss_fn(adapter_params, params, batch, rng)`` returns the loss (or
-    ``(loss, aux)`` with ``has_aux``). The base ``params`` enter as constants, so
-    no gradient of a frozen weight is ever computed. With ``penalty = lambda > 0``
+    ``(loss, aux)`` with ``has_aux``). The base ``params`` enter as constants, and so
+    does the adapter's frozen state when ``adapter`` is given (``lrj.split`` by the
+    leaves' declared roles, e.g. after ``lrj.freeze(adapter, {"a"})``): no gradient of a
+    frozen weight is ever computed. The optimizer still sees the whole adapter tree, with
+    zero gradients on frozen leaves, whose updates are dropped; to keep no optimizer
+    state for them, wrap it in ``optax.masked(optimizer, mask)`` with ``mask`` True on the
+    trainable leaves. With ``penalty = lambda > 0``
     the objective is
 
     .. math:: L + \lambda \sum_{\text{targets}} \| s A B \|_F^2
@@ -43,18 +48,25 @@ def make_train_step(
     if penalty > 0 and adapter is None:
         raise ValueError("`penalty` > 0 needs the `adapter` whose penalty to add")
 
-    def objective(adapter_params, params, batch, rng):
+    def objective(trainable, frozen, params, batch, rng):
+        adapter_params = base.join(trainable, frozen)
         out = loss_fn(adapter_params, params, batch, rng)
         loss, aux = out if has_aux else (out, None)
         reg = adapter.penalty(params, adapter_params) if penalty > 0 else jnp.zeros((), jnp.float32)
         return loss + penalty * reg, (loss, reg, aux)
 
     def step(adapter_params, opt_state, params, batch, rng):
+        has_frozen = adapter is not None and bool(base.frozen_names(adapter))
+        trainable, frozen = base.split(adapter, adapter_params) if has_frozen else (adapter_params, {})
         (total, (loss, reg, aux)), grads = jax.value_and_grad(objective, has_aux=True)(
-            adapter_params, params, batch, rng
+            trainable, frozen, params, batch, rng
         )
-        updates, opt_state = optimizer.update(grads, opt_state, adapter_params)
-        adapter_params = optax.apply_updates(adapter_params, updates)
+        # The optimizer sees the whole tree (LoRA-FA's preconditioner reads the frozen A); frozen
+        # leaves get constant zero gradients, nothing computes them, and their updates are dropped.
+        full_grads = base.join(grads, jax.tree.map(jnp.zeros_like, frozen))
+        updates, opt_state = optimizer.update(full_grads, opt_state, adapter_params)
+        trainable = optax.apply_updates(trainable, base.split(adapter, updates)[0] if frozen else updates)
+        adapter_params = base.join(trainable, frozen)
         metrics = {"loss": loss, "objective": total, "penalty": reg, "grad_norm": optax.tree.norm(grads)}
         if has_aux:
             metrics["aux"] = aux
@@ -104,13 +116,16 @@ def average_gradient(loss_fn: Callable[..., Any], params, batches, *, targets: t
     return jax.tree.map(lambda x: x / count, total)
 
 
-def trainable_summary(params, adapter_params) -> dict:
+def trainable_summary(params, adapter_params, *, adapter: base.Adapter | None = None) -> dict:
     """Counts like peft's ``print_trainable_parameters``: trainable, all, and the percentage.
 
-    ``all`` counts the base params plus the adapter's (as peft does).
+    ``all`` counts the base params plus the adapter's, frozen state included (as peft
+    counts a frozen LoRA-FA ``A``); ``trainable`` counts the leaves the adapter's roles
+    declare trainable (every leaf when ``adapter`` is not given).
     """
-    trainable = tree_lib.num_params(adapter_params)
-    total = tree_lib.num_params([leaf for _, _, leaf in tree_lib.flatten_with_paths(params)]) + trainable
+    trainable_tree = base.split(adapter, adapter_params)[0] if adapter is not None else adapter_params
+    trainable = tree_lib.num_params(trainable_tree)
+    total = tree_lib.num_params([leaf for _, _, leaf in tree_lib.flatten_with_paths(params)]) + tree_lib.num_params(adapter_params)
     return {
         "trainable_params": trainable,
         "all_params": total,

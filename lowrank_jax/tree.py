@@ -185,8 +185,8 @@ def select_targets(
         shape = shape_of(leaf)
         if callable(layouts):
             layout = layouts(path, leaf)
-        else:
-            layout = (layouts or {}).get(path)
+        else:  # kernel_layouts' paths are of the variables: "params/..." stands for a bare params path too
+            layout = (layouts or {}).get(path, (layouts or {}).get("params/" + path))
         layout = Layout(*layout) if layout is not None else default_layout(keys, shape)
         if layout is None:
             raise ValueError(

@@ -8,17 +8,18 @@ low-rank part in factored form with :func:`low_rank`, never the dense ``s B A``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
-from jax.sharding import AxisType, PartitionSpec
 
 from lowrank_jax import tree as tree_lib
+from lowrank_jax.mesh_ops import contract, match_sharding, replicated  # noqa: F401  (adapters call base.contract...)
 
-__all__ = ["Adapter", "Site", "low_rank", "dropout"]
+__all__ = ["Adapter", "Leaf", "Site", "low_rank", "dropout", "split", "join", "freeze"]
 
 
 class Site(NamedTuple):
@@ -48,8 +49,9 @@ class Site(NamedTuple):
 class Adapter(NamedTuple):
     """A parameter-efficient method as pure functions (see ``lrj.lora``).
 
-    init(key, params) -> adapter_params: only the new trainable leaves, a tree that
-      mirrors the targeted paths of ``params``.
+    init(key, params) -> adapter_params: one tree holding the adapter's trainable leaves and
+      frozen state (see ``roles``), mirroring the targeted paths of ``params``; :func:`split`
+      separates the two. ``params`` may be bare or ``{"params": ...}``.
     apply(leaves, site, x, y, *, path, dropout_key=None) -> y': the adapted output of
       one layer call; bridges call it, users rarely do.
     merge(params, adapter_params) -> params: the dense weights ``W + delta`` (inference, export).
@@ -57,12 +59,11 @@ class Adapter(NamedTuple):
     penalty(params, adapter_params) -> scalar: the method's regulariser before its weight.
     leaf_names: names of the leaves under each target (``{"a", "b"}`` for LoRA).
     config: the hyper-parameters, for summaries and checkpoints.
-    roles: ``{leaf name: axis roles}``, what each leaf's axes are, as a pattern over the
-      target kernel's layout ``[*stack, *inputs, *outputs]``: ``"stack"``, ``"in"`` and
-      ``"out"`` each stand for all of the kernel's axes of that kind, ``"rank"`` for an
-      adapter-only axis (never sharded). LoRA: ``a = ("stack", "in", "rank")``,
-      ``b = ("stack", "rank", "out")``; DoRA adds ``m = ("stack", "out")``. Sharding is
-      derived from these roles (:func:`leaf_axes`), not from leaf names.
+    roles: ``{leaf name: Leaf(axes, trainable)}`` (:class:`Leaf`): what each leaf's axes are
+      and whether it is trained. LoRA: ``a = Leaf(("stack", "in", "rank"))``,
+      ``b = Leaf(("stack", "rank", "out"))``; DoRA adds ``m = Leaf(("stack", "out"))``.
+      Sharding, dropout keys, :func:`split`, summaries and export derive from these
+      roles, not from leaf names.
     """
 
     init: Callable
@@ -75,17 +76,34 @@ class Adapter(NamedTuple):
     roles: dict | None = None
 
 
-#: The axis roles of LoRA's factors (also DoRA's); see :attr:`Adapter.roles`.
-LORA_ROLES = {"a": ("stack", "in", "rank"), "b": ("stack", "rank", "out")}
+class Leaf(NamedTuple):
+    """What one adapter leaf is: the role of each of its axes, and whether training updates it.
+
+    axes: a pattern over the target kernel's layout ``[*stack, *inputs, *outputs]``:
+      ``"stack"``, ``"in"`` and ``"out"`` each stand for all of the kernel's axes of that
+      kind; any other name (``"rank"``, ``"expert"``...) is one adapter-only axis, never
+      sharded. LoRA's ``a`` is ``("stack", "in", "rank")``.
+    trainable: ``False`` for frozen adapter state (VeRA's shared projections, LaMDA's
+      frozen A, LoRA-FA's A after :func:`lrj.freeze`): :func:`lrj.split` puts it apart,
+      and no gradient is computed for it.
+    """
+
+    axes: tuple
+    trainable: bool = True
+
+
+#: The leaves of LoRA (also DoRA's ``a`` and ``b``); see :attr:`Adapter.roles`.
+LORA_ROLES = {"a": Leaf(("stack", "in", "rank")), "b": Leaf(("stack", "rank", "out"))}
 
 
 def leaf_axes(pattern, layout: tree_lib.Layout, kernel_ndim: int) -> tuple[str, ...]:
-    """The role of each axis of a leaf: ``pattern`` with ``"stack"``/``"in"``/``"out"`` expanded
-    to as many axes as the kernel's layout has of each kind.
+    """The role of each axis of a leaf: ``pattern`` (a :class:`Leaf` or its ``axes``) with
+    ``"stack"``/``"in"``/``"out"`` expanded to as many axes as the kernel's layout has of each kind.
 
     >>> leaf_axes(("stack", "in", "rank"), tree_lib.Layout(1, 2), 4)
     ('stack', 'in', 'in', 'rank')
     """
+    pattern = pattern.axes if isinstance(pattern, Leaf) else pattern
     counts = {"stack": layout.stack, "in": layout.inputs, "out": kernel_ndim - layout.stack - layout.inputs}
     out: list[str] = []
     for role in pattern:
@@ -93,57 +111,124 @@ def leaf_axes(pattern, layout: tree_lib.Layout, kernel_ndim: int) -> tuple[str, 
     return tuple(out)
 
 
-def _explicit_spec(x) -> tuple | None:
-    """``x``'s partition spec when it is traced under an Explicit mesh, else ``None``."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or not mesh.axis_names or AxisType.Explicit not in tuple(mesh.axis_types):
-        return None
-    spec = tuple(sharding.spec)
-    return spec + (None,) * (x.ndim - len(spec))
+def roles_of(adapter: Adapter) -> dict[str, Leaf]:
+    """``adapter.roles`` as :class:`Leaf` values; raises naming the adapter when it declares none."""
+    if not adapter.roles:
+        raise ValueError(
+            f"adapter {adapter.config.get('method', '?')!r} declares no leaf roles (`Adapter.roles`); "
+            f"each of its leaves {sorted(adapter.leaf_names)} needs a lrj.Leaf(axes, trainable)"
+        )
+    out = {n: (r if isinstance(r, Leaf) else Leaf(tuple(r))) for n, r in adapter.roles.items()}
+    undeclared = sorted(set(adapter.leaf_names) - set(out))
+    if undeclared:
+        raise ValueError(f"adapter {adapter.config.get('method', '?')!r} declares no roles for leaves {undeclared}")
+    return out
 
 
-def _mesh_axes(entry) -> tuple:
-    if entry is None:
-        return ()
-    return entry if isinstance(entry, tuple) else (entry,)
+def layout_of(path: str, kernel_shape, leaves: dict, roles: dict) -> tree_lib.Layout:
+    """The kernel layout that every leaf's shape fits, given the leaves' axis roles.
 
-
-def contract(lhs, rhs, n: int):
-    """Contracts ``lhs``'s last ``n`` axes with ``rhs``'s first ``n`` axes.
-
-    Under an Explicit mesh the output keeps ``lhs``'s remaining sharding and
-    ``rhs``'s where it does not reuse a mesh axis, so contractions over sharded
-    axes compile (an all-reduce) instead of failing.
+    Each leaf of a target must have, on each ``"stack"``/``"in"``/``"out"`` axis of its
+    pattern, the size of the kernel's axis of that role. Raises ``ValueError`` naming
+    ``path`` when no layout fits (an adapter from another model) or several do.
     """
-    dims = ((tuple(range(lhs.ndim - n, lhs.ndim)), tuple(range(n))), ((), ()))
-    lhs_spec, rhs_spec = _explicit_spec(lhs), _explicit_spec(rhs)
-    if lhs_spec is None and rhs_spec is None:
-        return lax.dot_general(lhs, rhs, dims)
-    lhs_spec = lhs_spec or (None,) * lhs.ndim
-    rhs_spec = rhs_spec or (None,) * rhs.ndim
-    out = list(lhs_spec[: lhs.ndim - n])
-    used = {a for e in out for a in _mesh_axes(e)}
-    for entry in rhs_spec[n:]:
-        axes = _mesh_axes(entry)
-        out.append(entry if axes and not (set(axes) & used) else None)
-        used |= set(axes)
-    return lax.dot_general(lhs, rhs, dims, out_sharding=PartitionSpec(*out))
+    kernel_shape = tuple(kernel_shape)
+    ndim = len(kernel_shape)
+    fits = []
+    for stack in range(ndim - 1):
+        for inputs in range(1, ndim - stack):
+            layout = tree_lib.Layout(stack, inputs)
+            by_role = dict(zip(("stack", "in", "out"), layout.split(kernel_shape)))
+            if all(_fits(_shape(leaf), leaf_axes(roles[name], layout, ndim), by_role) for name, leaf in leaves.items()):
+                fits.append(layout)
+    if len(fits) == 1:
+        return fits[0]
+    shapes = {n: _shape(v) for n, v in leaves.items()}
+    patterns = {n: (roles[n].axes if isinstance(roles[n], Leaf) else tuple(roles[n])) for n in leaves}
+    if not fits:
+        raise ValueError(
+            f"adapter leaves for {path!r} do not fit the parameter: kernel {kernel_shape}, leaves {shapes} "
+            f"(expected {patterns} over [*stack, *inputs, *outputs]); is this adapter from another model?"
+        )
+    raise ValueError(f"adapter leaves {shapes} for {path!r} fit several layouts of kernel {kernel_shape}: {fits}")
 
 
-def match_sharding(x, like):
-    """Reshards ``x`` to ``like``'s sharding under an Explicit mesh (elementwise ops need equal specs)."""
-    want, have = _explicit_spec(like), _explicit_spec(x)
-    if want is None or have == want:
-        return x
-    return jax.sharding.reshard(x, PartitionSpec(*want))
+def _shape(leaf) -> tuple:
+    return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(np.shape(leaf))
 
 
-def replicated(x):
-    """``x`` fully replicated under an Explicit mesh (for small adapter-only math); else ``x``."""
-    if _explicit_spec(x) is None or all(e is None for e in _explicit_spec(x)):
-        return x
-    return jax.sharding.reshard(x, PartitionSpec())
+def _fits(shape, axes, by_role) -> bool:
+    if len(shape) != len(axes):
+        return False
+    taken = dict.fromkeys(by_role, 0)
+    for size, role in zip(shape, axes):
+        if role in by_role:
+            if size != by_role[role][taken[role]]:
+                return False
+            taken[role] += 1
+    return True
+
+
+def frozen_names(adapter: Adapter) -> frozenset:
+    """Names of the adapter's frozen leaves (no roles declared: none)."""
+    if not adapter.roles:
+        return frozenset()
+    return frozenset(n for n, leaf in roles_of(adapter).items() if not leaf.trainable)
+
+
+def freeze(adapter: Adapter, names) -> Adapter:
+    """``adapter`` with the leaves ``names`` frozen: initialised as before, never trained.
+
+    ``lrj.freeze(lrj.lora(...), {"a"})`` is LoRA-FA's adapter (A stays at its random
+    init): with :func:`split` (``lrj.make_train_step(adapter=...)`` does it) no gradient
+    of ``a`` is computed, which saves the FLOPs of ``dL/da`` and the activations they
+    need, rather than computing and discarding it.
+    """
+    names = frozenset([names] if isinstance(names, str) else names)
+    roles = roles_of(adapter)
+    unknown = sorted(names - set(roles))
+    if unknown:
+        raise ValueError(f"cannot freeze {unknown}: adapter {adapter.config.get('method', '?')!r} has leaves {sorted(roles)}")
+    roles = {n: leaf._replace(trainable=leaf.trainable and n not in names) for n, leaf in roles.items()}
+    frozen = sorted(n for n, leaf in roles.items() if not leaf.trainable)
+    return adapter._replace(roles=roles, config={**adapter.config, "frozen": frozen})
+
+
+def split(adapter: Adapter, adapter_params) -> tuple[dict, dict]:
+    """``(trainable, frozen)``: the adapter tree's leaves by their declared :attr:`Leaf.trainable`.
+
+    Both mirror ``adapter_params``' target paths; a target with no leaf of a kind is absent
+    from that tree. Differentiate w.r.t. ``trainable`` only (``lrj.make_train_step`` does), so no
+    gradient of frozen state is ever computed; :func:`join` rebuilds the whole tree.
+    """
+    frozen = frozen_names(adapter)
+    trainable_out, frozen_out = {}, {}
+    for keys, leaves in tree_lib.adapter_paths(adapter_params, adapter.leaf_names):
+        t = {n: v for n, v in leaves.items() if n not in frozen}
+        f = {n: v for n, v in leaves.items() if n in frozen}
+        if t:
+            trainable_out[keys] = t
+        if f:
+            frozen_out[keys] = f
+    return tree_lib.nest(trainable_out), tree_lib.nest(frozen_out)
+
+
+def join(trainable, frozen):
+    """The whole adapter tree from :func:`split`'s two parts (raises if a leaf is in both)."""
+
+    def merge(x, y, keys):
+        if not isinstance(x, Mapping) or not isinstance(y, Mapping):
+            raise ValueError(f"adapter leaf {tree_lib.path_str(keys)!r} is in both the trainable and the frozen tree")
+        out = dict(x)
+        for k, v in y.items():
+            out[k] = merge(out[k], v, keys + (k,)) if k in out else v
+        return out
+
+    if not frozen:
+        return trainable
+    if not trainable:
+        return frozen
+    return merge(trainable, frozen, ())
 
 
 def low_rank(site: Site, x, a, b, scale: float):
@@ -167,6 +252,15 @@ def low_rank(site: Site, x, a, b, scale: float):
         raise ValueError(f"unknown site kind {site.kind!r}")
     t = contract(x, a, site.inputs) * s
     return contract(t, b, 1)
+
+
+def dropout_keys(rng, index: int, path: str, kernel, leaves: dict, adapter: Adapter):
+    """The dropout key(s) of target number ``index``: one per stacked (scanned) layer, so that
+    ``nn.scan``/``nnx.scan`` slice them with the kernel; the stack comes from the leaves' roles."""
+    roles = roles_of(adapter) if adapter.roles else LORA_ROLES
+    stack = tuple(tree_lib.shape_of(kernel)[: layout_of(path, tree_lib.shape_of(kernel), leaves, roles).stack])
+    key = jax.random.fold_in(rng, index)
+    return jax.random.split(key, tree_lib.prod(stack)).reshape(stack) if stack else key
 
 
 def dropout(key, x, rate: float):

@@ -57,33 +57,10 @@ def value_at(learning_rate: ScalarOrSchedule, count) -> jax.Array:
     return learning_rate(count) if callable(learning_rate) else jnp.asarray(learning_rate)
 
 
-# ----------------------------------------------------------------------------- sharding
+# ----------------------------------------------------------------------------- sharding (lrj.mesh_ops)
 
-def explicit_spec(x) -> tuple | None:
-    """``x``'s partition spec (padded to ``x.ndim``) under an Explicit mesh, else ``None``."""
-    return base._explicit_spec(x)
-
-
-def reshard_like(x, like):
-    """``x`` resharded to ``like``'s spec under an Explicit mesh; ``x`` otherwise."""
-    return base.match_sharding(x, like)
-
-
-def reshard_to(x, spec: tuple | None):
-    if spec is None or base._explicit_spec(x) is None or tuple(base._explicit_spec(x)) == tuple(spec):
-        return x
-    return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec))
-
-
-def replicated(x):
-    return base.replicated(x)
-
-
-def zeros(shape, dtype, spec: tuple | None):
-    """Zeros, sharded by ``spec`` when an Explicit mesh is active (so states inherit shardings)."""
-    if spec is None:
-        return jnp.zeros(shape, dtype)
-    return jnp.zeros(shape, dtype, out_sharding=jax.sharding.PartitionSpec(*spec))
+from lowrank_jax.mesh_ops import explicit_spec, replicated, reshard_to, zeros  # noqa: E402,F401
+from lowrank_jax.mesh_ops import match_sharding as reshard_like  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------- LoRA pairs
