@@ -7,13 +7,32 @@
 - :mod:`lowrank_jax.io.peft`: Hugging Face peft LoRA adapter directories in and out.
 - :mod:`lowrank_jax.io.hf_names`: transformers' ``LlamaForCausalLM`` names of LLaMA params.
 
-Optional packages (``gguf``, ``safetensors``) are imported only when used.
+The submodules load lazily, on first attribute access (``lowrank_jax.io.gguf``) or
+import (``from lowrank_jax.io import gguf``): ``gguf`` and ``hf_safetensors`` build
+the reference models (:mod:`lowrank_jax.models`), which ``import lowrank_jax.io.peft``
+does not load. Optional packages (``gguf``, ``safetensors``) are imported only when used.
 """
 
-from lowrank_jax.io import gguf as gguf
-from lowrank_jax.io import hf_names as hf_names
-from lowrank_jax.io import hf_safetensors as hf_safetensors
-from lowrank_jax.io import peft as peft
-from lowrank_jax.io import tokenizer as tokenizer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
+    from lowrank_jax.io import gguf as gguf
+    from lowrank_jax.io import hf_names as hf_names
+    from lowrank_jax.io import hf_safetensors as hf_safetensors
+    from lowrank_jax.io import peft as peft
+    from lowrank_jax.io import tokenizer as tokenizer
 
 __all__ = ["gguf", "hf_names", "hf_safetensors", "peft", "tokenizer"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return importlib.import_module(f"{__name__}.{name}")  # also binds it as an attribute of this package
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -127,13 +127,20 @@ def _axes(value, ndim: int) -> tuple[int, ...]:
 
 
 def _split_dims(spec: DimSpec, path: str, shape: tuple[int, ...]):
-    """``(batch, rows, cols)`` axes of ``shape`` described by ``spec``."""
+    """``(batch, rows, cols)`` axes of ``shape`` described by ``spec``.
+
+    A :class:`lowrank_jax.tree.Layout` (the one description of how a kernel's axes
+    split into ``[*stack, *inputs, *outputs]``) is split by :meth:`~lowrank_jax.tree.Layout.split`:
+    its stack axes are the batch, its output axes the rows (``m``) and its input axes
+    the columns (``n``). A ``GaLoreDimensionNumbers`` may name any axes (not only a
+    contiguous ``[*stack, *inputs, *outputs]`` split); the axes in neither group are the batch.
+    """
     ndim = len(shape)
     if isinstance(spec, tree_lib.Layout):
-        s, i = spec.stack, spec.inputs
-        if s < 0 or i < 1 or s + i >= ndim:
+        if spec.stack < 0 or spec.inputs < 1 or spec.stack + spec.inputs >= ndim:
             raise ValueError(f"layout {spec} does not fit {path!r} of shape {shape}")
-        return tuple(range(s)), tuple(range(s + i, ndim)), tuple(range(s, s + i))
+        batch, cols, rows = spec.split(tuple(range(ndim)))  # split the axis indices: (stack, inputs, outputs)
+        return batch, rows, cols
     if isinstance(spec, GaLoreDimensionNumbers):
         cols, rows = _axes(spec.reduction_axis, ndim), _axes(spec.output_axis, ndim)
         if not cols or not rows or set(cols) & set(rows) or len(set(cols + rows)) != len(cols + rows):
@@ -145,13 +152,12 @@ def _split_dims(spec: DimSpec, path: str, shape: tuple[int, ...]):
 
 
 def _default_dims(keys, shape) -> DimSpec:
-    if len(shape) != 2:
-        return None
-    if keys and keys[-1] in tree_lib.EMBEDDING_NAMES:
+    if len(shape) == 2 and keys and keys[-1] in tree_lib.EMBEDDING_NAMES:
         # an nn.Embed table [vocab, dim] has the layout of torch's nn.Embedding.weight: use it as is
         return GaLoreDimensionNumbers(reduction_axis=1, output_axis=0)
-    # a Flax kernel [in, out]: the matrix is its transpose, torch's nn.Linear.weight [out, in]
-    return GaLoreDimensionNumbers(reduction_axis=0, output_axis=1)
+    # a Flax kernel [in, out] is tree_lib's Layout(0, 1): the matrix is its transpose, torch's
+    # nn.Linear.weight [out, in]; N-D leaves have no default (None)
+    return tree_lib.default_layout(keys, shape)
 
 
 def _side(proj_type: str, m: int, n: int) -> str:
@@ -203,15 +209,20 @@ def scale_by_galore(
     ``[prod(output axes), prod(reduction axes)]``, torch's orientation, so
     ``proj_type`` means what it means in galore-torch for the same layer:
 
-    * a 2-D leaf is a Flax kernel ``[in, out]`` (``reduction_axis=0``,
+    * a 2-D leaf is a Flax kernel ``[in, out]`` (``lrj.Layout(0, 1)``: ``reduction_axis=0``,
       ``output_axis=1``) and its matrix is ``kernel.T``, torch's
       ``nn.Linear.weight`` ``[out, in]``; a 2-D leaf named ``embedding`` is used as is
       (torch's ``nn.Embedding.weight`` has the same ``[vocab, dim]`` layout);
     * N-D leaves are projected only through ``dimension_numbers``: an
-      :class:`optax.contrib.GaLoreDimensionNumbers` ``(reduction_axis, output_axis)``
-      or an :class:`lrj.Layout` ``(stack, inputs)``; axes in neither group are
-      *batch* axes with one projector per slice (scanned layers ``[L, in, out]``:
-      ``lrj.Layout(1, 1)``; attention ``[D, N, H]``: ``GaLoreDimensionNumbers(0, (1, 2))``);
+      :class:`lrj.Layout` ``(stack, inputs)`` (:class:`lowrank_jax.tree.Layout`, the
+      layout the adapters use: ``kernel.shape == (*stack, *inputs, *outputs)``; its
+      stack axes are batch axes, its inputs the reduction axes, its outputs the
+      output axes) or an :class:`optax.contrib.GaLoreDimensionNumbers`
+      ``(reduction_axis, output_axis)`` for axes a Layout cannot describe; axes in
+      neither group are *batch* axes with one projector per slice (scanned layers
+      ``[L, in, out]``: ``lrj.Layout(1, 1)``, the same as
+      ``GaLoreDimensionNumbers(reduction_axis=1, output_axis=2)``; attention
+      ``[D, N, H]``: ``lrj.Layout(0, 1)``);
     * 1-D and 0-D leaves (biases, norms) are never projected: ``inner`` updates
       them in full, as galore-torch's ``GaLoreAdamW`` updates parameters outside
       its GaLore group with plain AdamW. Naming one in ``targets`` is a ``ValueError``.
@@ -472,7 +483,7 @@ def galore(
     eight_bit: bool = False,
     mu_dtype: Any = None,
     targets: tree_lib.Targets | None = None,
-    dimension_numbers: Any = None,
+    dimension_numbers: DimSpec | Mapping[str, DimSpec] | Callable[[str, Any], DimSpec] = None,
     rank_pattern: Mapping[str, int] | None = None,
     svd: str = "exact",
     oversample: int = 8,

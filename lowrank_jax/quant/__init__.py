@@ -44,8 +44,8 @@ from lowrank_jax.quant.bnb import to_bnb_state as to_bnb_state
 from lowrank_jax.quant.int8 import Int8Array as Int8Array
 from lowrank_jax.quant.nf4 import QuantizedArray as QuantizedArray
 from lowrank_jax.quant.params import dequantize_params as dequantize_params
-from lowrank_jax.quant.params import is_quantized as is_quantized
 from lowrank_jax.quant.params import quantize_params as quantize_params
+from lowrank_jax.tree import is_quantized as is_quantized  # the one definition; quant.params re-exports it too
 
 __all__ = [
     "Int8Array",

@@ -38,34 +38,38 @@ from lowrank_jax.quant.blockwise import check_finite
 
 __all__ = ["QUANTIZED_TYPES", "is_quantized", "quantize_params", "dequantize_params"]
 
-#: The quantised pytree node types :func:`dequantize_params` knows.
+#: The quantised pytree node types this package makes (:func:`dequantize_params` and the bridges
+#: accept any node of the :func:`is_quantized` protocol, these and others).
 QUANTIZED_TYPES = (nf4.QuantizedArray, int8.Int8Array)
 
+#: A quantised node: a pytree node with ``shape``, ``dtype`` and ``dequantize(dtype)``; the one
+#: definition, :func:`lowrank_jax.tree.is_quantized`, that the bridges use too.
+is_quantized = tree_lib.is_quantized
 
-def is_quantized(x) -> bool:
-    """Whether ``x`` is a quantised node (:class:`QuantizedArray` or :class:`Int8Array`)."""
-    return isinstance(x, QUANTIZED_TYPES)
-
-
-def _is_leaf(x) -> bool:
-    return is_quantized(x) or tree_lib._is_variable(x)
+StackAxes = int | tree_lib.Layout
 
 
 def _stack_axes(stack_axes, path: str, leaf) -> int:
+    """The number of leading stack axes of ``leaf``, from an int or a :class:`lowrank_jax.tree.Layout`."""
     if callable(stack_axes):
         value = stack_axes(path, leaf)
     elif isinstance(stack_axes, Mapping):
         value = tree_lib.first_match(stack_axes, path, 0)
     else:
         value = stack_axes
+    shape = tuple(leaf.shape)
+    if isinstance(value, tree_lib.Layout):
+        if value.stack < 0 or value.inputs < 1 or value.stack + value.inputs >= leaf.ndim:
+            raise ValueError(f"layout {value} does not fit {path!r} of shape {shape}")
+        return len(value.split(shape)[0])
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < leaf.ndim:
-        raise ValueError(f"stack axes for {path!r} of shape {tuple(leaf.shape)} must be an int in [0, {leaf.ndim}), "
-                         f"got {value!r}")
+        raise ValueError(f"stack axes for {path!r} of shape {shape} must be an int in [0, {leaf.ndim}) or an "
+                         f"lrj.Layout, got {value!r}")
     return value
 
 
 def quantize_params(params, targets, quantizer: Callable[[jax.Array], Any] | None = None, *,
-                    stack_axes: int | Mapping[str, int] | Callable[[str, Any], int] = 0):
+                    stack_axes: StackAxes | Mapping[str, StackAxes] | Callable[[str, Any], StackAxes] = 0):
     """``params`` with every targeted leaf replaced by ``quantizer(leaf)``.
 
     Args:
@@ -77,8 +81,11 @@ def quantize_params(params, targets, quantizer: Callable[[jax.Array], Any] | Non
         other settings, or :func:`lowrank_jax.quant.int8.quantize`.
       stack_axes: leading axes that stack layers (``nn.scan``): each slice is
         quantised on its own (``jax.vmap``) and the node's leaves get those axes
-        in front, so ``nn.scan`` slices them with the layer. An int for all
-        targets, ``{path regex: int}`` (first match wins, default 0), or a callable.
+        in front, so ``nn.scan`` slices them with the layer. Either their number
+        (an int) or the kernel's :class:`lowrank_jax.tree.Layout` (the layout the
+        adapters take; its ``stack`` axes are the ones vmapped), for all targets,
+        as ``{path regex: int or Layout}`` (first match wins, default 0), or as a
+        callable ``(path, leaf) -> int or Layout``.
 
     Returns:
       A new tree; untargeted leaves are the same objects.
@@ -89,7 +96,7 @@ def quantize_params(params, targets, quantizer: Callable[[jax.Array], Any] | Non
     """
     match = tree_lib._matcher(targets)
     quantizer = nf4.quantize if quantizer is None else quantizer
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_leaf)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=tree_lib._is_leaf)
     if not leaves:
         raise ValueError("`params` has no leaves")
     out, paths, hits = [], [], 0
@@ -134,5 +141,5 @@ def dequantize_params(params, dtype=jnp.bfloat16):
         array = value.dequantize(dtype)
         return leaf.replace(array) if tree_lib._is_variable(leaf) else array
 
-    return jax.tree.map(dense, params, is_leaf=_is_leaf)
+    return jax.tree.map(dense, params, is_leaf=tree_lib._is_leaf)
 
