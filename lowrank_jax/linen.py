@@ -5,8 +5,8 @@ collection right next to its kernel (``.../q_proj/kernel@adapter``), so
 ``nn.scan`` slices them together with a stacked kernel and ``nn.remat``
 recomputes them with it. :func:`apply` then runs ``model.apply`` under
 ``nn.intercept_methods`` (linen's official extension point): every call of
-``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum`` and ``nn.Embed`` (``__call__`` and
-``attend``) that finds adapter leaves next to its kernel has its output passed
+``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``, ``nn.Conv`` and ``nn.Embed`` (``__call__``
+and ``attend``) that finds adapter leaves next to its kernel has its output passed
 through ``adapter.apply``, which adds the low-rank term in factored form
 (``x W + s (x A) B``). The model's code is not touched and the dense update
 ``s A B`` is never formed, so no full-size weight gradient exists in the
@@ -15,7 +15,6 @@ backward pass.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lowrank_jax import sites
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import base
 
@@ -35,7 +35,7 @@ SUFFIX = "@adapter"
 def _param_name(module) -> str | None:
     if isinstance(module, nn.Embed):
         return "embedding"
-    if isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
+    if isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv)):
         return "kernel"
     return None
 
@@ -45,36 +45,13 @@ def _kind(module, method_name: str) -> str | None:
         return {"__call__": "lookup", "attend": "attend"}.get(method_name)
     if isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum)) and method_name == "__call__":
         return "linear"
+    if isinstance(module, nn.Conv) and method_name == "__call__":
+        return "conv"
     return None
 
 
 def _first_arg(args, kwargs, name):
     return args[0] if args else kwargs[name]
-
-
-def _einsum_plan(einsum_str: str, x_ndim: int):
-    """For ``"x,k->o"``: the permutation moving ``x``'s contracted axes last (in kernel order),
-    the number of kernel input axes, the permutation from the delta's axes to ``o``'s, and the
-    permutation putting a bias's axes in kernel order (``None`` when already)."""
-    spec = einsum_str.replace(" ", "")
-    m = re.fullmatch(r"([a-zA-Z]+),([a-zA-Z]+)->([a-zA-Z]+)", spec)
-    if not m:
-        raise NotImplementedError(f"LoRA on nn.Einsum supports 'x,k->o' subscripts without '...'; got {einsum_str!r}")
-    xs, ks, os_ = m.groups()
-    ins = [c for c in ks if c in xs and c not in os_]
-    outs = [c for c in ks if c in os_ and c not in xs]
-    if list(ks) != ins + outs or not ins or not outs:
-        raise NotImplementedError(
-            f"LoRA on nn.Einsum {einsum_str!r} needs a kernel whose contracted axes come first and whose other axes all "
-            f"appear in the output (no per-head shared axes); got contracted {ins}, output {outs}"
-        )
-    rest = [c for c in xs if c not in ins]
-    x_perm = [xs.index(c) for c in rest] + [xs.index(c) for c in ins]
-    delta_letters = rest + outs
-    out_perm = [delta_letters.index(c) for c in os_]
-    bias_letters = [c for c in os_ if c in outs]  # a bias has the kernel's output axes in output order
-    bias_perm = [bias_letters.index(c) for c in outs]
-    return x_perm, len(ins), out_perm, (None if bias_perm == sorted(bias_perm) else bias_perm)
 
 
 def _bias(module):
@@ -83,31 +60,28 @@ def _bias(module):
     return None
 
 
+def _family(module) -> str:
+    for cls, family in ((nn.Embed, "embed"), (nn.Dense, "dense"), (nn.DenseGeneral, "dense_general"),
+                        (nn.Einsum, "einsum"), (nn.Conv, "conv")):
+        if isinstance(module, cls):
+            return family
+    raise TypeError(f"not a layer the bridge adapts: {type(module).__name__}")
+
+
 def _site_input(module, kind: str, args, kwargs, kernel):
-    """``(x, site, out_perm)``: the layer input in site form, and the permutation taking the
-    site's output axes (``x``'s other axes, then the kernel's outputs) to the layer's (``None``: same)."""
-    dtype = getattr(module, "dtype", None)
-    if kind in ("lookup", "attend"):
-        x = _first_arg(args, kwargs, "inputs" if kind == "lookup" else "query")
-        return x, base.Site(kind, kernel, 1, dtype), None
-    x = _first_arg(args, kwargs, "inputs")
-    bias = _bias(module)
-    if isinstance(module, nn.Dense):
-        return x, base.Site("linear", kernel, 1, dtype, bias), None
-    if isinstance(module, nn.DenseGeneral):
-        if tuple(module.batch_dims):
-            raise NotImplementedError("LoRA on nn.DenseGeneral with batch_dims is not supported")
-        axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
-        axis = tuple(a % x.ndim for a in axis)
-        x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
-        return x, base.Site("linear", kernel, len(axis), dtype, bias), None
-    einsum_str = module.einsum_str if module.einsum_str is not None else (args[1] if len(args) > 1 else kwargs["einsum_str"])
-    x_perm, n_in, out_perm, bias_perm = _einsum_plan(einsum_str, x.ndim)
-    if bias is not None and bias_perm is not None:
-        bias = jnp.transpose(bias, bias_perm)
-    if out_perm == sorted(out_perm):
-        out_perm = None
-    return jnp.transpose(x, x_perm), base.Site("linear", kernel, n_in, dtype, bias), out_perm
+    """``(x, site, out_perm)`` of a layer call (see :func:`lrj.sites.build`)."""
+    family = _family(module)
+    x = _first_arg(args, kwargs, {"lookup": "inputs", "attend": "query"}.get(kind, "inputs"))
+    if family == "embed":
+        return sites.build(family, kind, x, kernel, dtype=getattr(module, "dtype", None))
+    einsum_str = None
+    if family == "einsum":
+        einsum_str = module.einsum_str if module.einsum_str is not None else (args[1] if len(args) > 1 else kwargs["einsum_str"])
+    return sites.build(
+        family, kind, x, kernel, dtype=getattr(module, "dtype", None), bias=_bias(module),
+        axis=getattr(module, "axis", None), batch_axes=getattr(module, "batch_dims", ()), einsum_str=einsum_str,
+        window=sites.ConvWindow.of(module) if family == "conv" else None,
+    )
 
 
 def _call_dense(module, method_name: str, args, kwargs, name: str, kernel):
@@ -224,7 +198,7 @@ def apply(model: nn.Module, adapter: base.Adapter, variables, adapter_params, *a
         # from the factored output: refuse instead of a silent no-op.
         raise ValueError(
             f"adapter targets were not executed by this call: {missed[:8]}{' ...' if len(missed) > 8 else ''}. "
-            f"The bridge adapts nn.Dense, nn.DenseGeneral, nn.Einsum and nn.Embed calls; a target read by "
+            f"The bridge adapts nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv and nn.Embed calls; a target read by "
             f"another layer (for example `x @ self.param('kernel', ...)` in a custom module) or not used by "
             f"this `method=` is not adapted. Narrow `targets`, or use a supported layer."
         )
@@ -242,7 +216,7 @@ def apply_base(model: nn.Module, variables, *args, **kwargs) -> Any:
 
 
 def kernel_layouts(model: nn.Module, *args, method=None, **kwargs) -> dict[str, tree_lib.Layout]:
-    """Discovers the :class:`lrj.Layout` of every Dense/DenseGeneral/Einsum/Embed kernel.
+    """Discovers the :class:`lrj.Layout` of every Dense/DenseGeneral/Einsum/Conv/Embed kernel.
 
     Traces ``model.init`` abstractly (no FLOPs, no memory) and compares each
     layer's per-call kernel with the stored parameter: leading axes the call does

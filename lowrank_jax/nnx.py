@@ -2,7 +2,7 @@
 
 :func:`apply` works on a copy of the model's graph (``nnx.split`` then
 ``nnx.merge(copy=True)``; the user's model is never modified). In the copy,
-each targeted ``nnx.Linear``/``nnx.LinearGeneral``/``nnx.Einsum``/``nnx.Embed``
+each targeted ``nnx.Linear``/``nnx.LinearGeneral``/``nnx.Einsum``/``nnx.Conv``/``nnx.Embed``
 gets its adapter leaves as :class:`AdapterParam` variables next to its kernel
 (so ``nnx.scan``/``nnx.vmap`` over stacked layers slice them with the kernel,
 and ``nnx.remat`` recomputes them) and its class is swapped for a subclass whose
@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx as fnnx
 
+from lowrank_jax import sites
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import base
-from lowrank_jax.linen import _einsum_plan
 
 __all__ = ["AdapterParam", "apply", "apply_base", "kernel_layouts", "params"]
 
@@ -52,33 +52,34 @@ def params(model) -> Any:
 def _kernel_name(module) -> str | None:
     if isinstance(module, fnnx.Embed):
         return "embedding"
-    if isinstance(module, (fnnx.Linear, fnnx.LinearGeneral, fnnx.Einsum)):
+    if isinstance(module, (fnnx.Linear, fnnx.LinearGeneral, fnnx.Einsum, fnnx.Conv)):
         return "kernel"
     return None
 
 
+def _family(module) -> str:
+    for cls, family in ((fnnx.Embed, "embed"), (fnnx.Linear, "dense"), (fnnx.LinearGeneral, "dense_general"),
+                        (fnnx.Einsum, "einsum"), (fnnx.Conv, "conv")):
+        if isinstance(module, cls):
+            return family
+    raise TypeError(f"not a layer the bridge adapts: {type(module).__name__}")
+
+
 def _site_input(module, kind: str, args, kwargs, kernel):
-    """Like ``lrj.linen._site_input`` for NNX layers."""
-    dtype = getattr(module, "dtype", None)
+    """``(x, site, out_perm)`` of a layer call (see :func:`lrj.sites.build`)."""
+    family = _family(module)
     x = args[0] if args else next(iter(kwargs.values()))
-    if kind in ("lookup", "attend"):
-        return x, base.Site(kind, kernel, 1, dtype), None
+    if family == "embed":
+        return sites.build(family, kind, x, kernel, dtype=getattr(module, "dtype", None))
     bias = module.bias[...] if getattr(module, "bias", None) is not None else None
-    if isinstance(module, fnnx.Linear):
-        return x, base.Site("linear", kernel, 1, dtype, bias), None
-    if isinstance(module, fnnx.LinearGeneral):
-        if module.batch_axis:
-            raise NotImplementedError("LoRA on nnx.LinearGeneral with batch_axis is not supported")
-        axis = tuple(a % x.ndim for a in module.axis)
-        x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
-        return x, base.Site("linear", kernel, len(axis), dtype, bias), None
-    einsum_str = module.einsum_str if module.einsum_str is not None else (args[1] if len(args) > 1 else kwargs["einsum_str"])
-    x_perm, n_in, out_perm, bias_perm = _einsum_plan(einsum_str, x.ndim)
-    if bias is not None and bias_perm is not None:
-        bias = jnp.transpose(bias, bias_perm)
-    if out_perm == sorted(out_perm):
-        out_perm = None
-    return jnp.transpose(x, x_perm), base.Site("linear", kernel, n_in, dtype, bias), out_perm
+    einsum_str = None
+    if family == "einsum":
+        einsum_str = module.einsum_str if module.einsum_str is not None else (args[1] if len(args) > 1 else kwargs["einsum_str"])
+    return sites.build(
+        family, kind, x, kernel, dtype=getattr(module, "dtype", None), bias=bias,
+        axis=getattr(module, "axis", None), batch_axes=getattr(module, "batch_axis", None) or (),
+        einsum_str=einsum_str, window=sites.ConvWindow.of(module) if family == "conv" else None,
+    )
 
 
 def _run(module, kind: str, original, args, kwargs):
@@ -122,7 +123,8 @@ def _adapted_class(cls: type) -> type:
             namespace["__call__"] = lambda self, *a, **k: _run(self, "lookup", cls.__call__, a, k)
             namespace["attend"] = lambda self, *a, **k: _run(self, "attend", cls.attend, a, k)
         else:
-            namespace["__call__"] = lambda self, *a, **k: _run(self, "linear", cls.__call__, a, k)
+            kind = "conv" if issubclass(cls, fnnx.Conv) else "linear"
+            namespace["__call__"] = lambda self, *a, **k: _run(self, kind, cls.__call__, a, k)
         _CLASSES[cls] = type(f"Adapted{cls.__name__}", (cls,), namespace)
     return _CLASSES[cls]
 
@@ -155,7 +157,7 @@ def adapted_copy(model, adapter: base.Adapter | None, adapter_params, *, dropout
         module = modules.get(tuple(keys[:-1]))
         if module is None or _kernel_name(module) != keys[-1]:
             raise ValueError(
-                f"adapter target {path!r} is not the kernel of an nnx.Linear/LinearGeneral/Einsum/Embed "
+                f"adapter target {path!r} is not the kernel of an nnx.Linear/LinearGeneral/Einsum/Conv/Embed "
                 f"(found {type(module).__name__})"
             )
         module.__class__ = _adapted_class(type(module))
@@ -213,7 +215,10 @@ def kernel_layouts(model) -> dict[str, tree_lib.Layout]:
             own, inputs = len(module.in_features) + len(module.out_features), len(module.in_features)
         elif isinstance(module, fnnx.Einsum):
             own = len(module.kernel_shape)
-            inputs = _einsum_plan(module.einsum_str, 0)[1] if module.einsum_str else 1
+            inputs = sites.einsum_plan(module.einsum_str, 0)[1] if module.einsum_str else 1
+        elif isinstance(module, fnnx.Conv):
+            inputs = sites.conv_inputs(module)
+            own = inputs + 1
         else:
             own, inputs = 2, 1
         out[tree_lib.path_str((*path, name))] = tree_lib.Layout(kernel.ndim - own, inputs)

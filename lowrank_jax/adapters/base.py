@@ -31,12 +31,17 @@ class Site(NamedTuple):
         contracting axes of ``x`` last, in kernel order);
       ``"lookup"``: ``x`` holds integer ids into the kernel's rows (Embed);
       ``"attend"``: ``x`` contracts with the kernel's output axis (``Embed.attend``,
-        the tied output head: ``y = x E^T``).
+        the tied output head: ``y = x E^T``);
+      ``"conv"``: ``x`` is convolved with the kernel ``[*window, in, out]`` (Conv); the
+        window and ``in`` are the ``inputs`` axes, so ``a: [*window, in, r]``, ``b: [r, out]``.
     kernel: the per-call kernel, ``[*inputs, *outputs]`` (scan axes already sliced off).
     inputs: number of input axes of ``kernel``.
     dtype: the layer's compute dtype, or ``None`` to promote the operands.
     bias: the layer's bias with its axes in kernel output order, or ``None``
       (DoRA rescales the output without it).
+    conv: for ``kind == "conv"`` (``x`` convolved with a kernel ``[*window, in, out]``):
+      ``conv(x, k) -> y``, the layer's convolution with another kernel ``k: [*window, in, n]``
+      (same window, strides, padding, dilations).
     """
 
     kind: str
@@ -44,6 +49,7 @@ class Site(NamedTuple):
     inputs: int
     dtype: Any = None
     bias: Any = None
+    conv: Callable | None = None
 
 
 class Adapter(NamedTuple):
@@ -248,6 +254,9 @@ def low_rank(site: Site, x, a, b, scale: float):
     if site.kind == "attend":  # x E^T with E = s a b: (x b^T) a^T
         t = contract(x, b.T, 1) * s
         return contract(t, a.T, 1)
+    if site.kind == "conv":  # peft's Conv LoRA: a is a conv with r outputs and the layer's window, b a 1x1 conv
+        t = site.conv(x, a) * s
+        return contract(t, b, 1)
     if site.kind != "linear":
         raise ValueError(f"unknown site kind {site.kind!r}")
     t = contract(x, a, site.inputs) * s
