@@ -19,6 +19,8 @@ from lowrank_jax.adapters.base import freeze as freeze
 from lowrank_jax.adapters.base import join as join
 from lowrank_jax.adapters.base import split as split
 from lowrank_jax.adapters.base import Site as Site
+from lowrank_jax.adapters.combinators import combine as combine
+from lowrank_jax.adapters.combinators import full_finetune as full_finetune
 from lowrank_jax.adapters.dora import dora as dora
 from lowrank_jax.adapters.dora import weight_norms as dora_weight_norms
 from lowrank_jax.adapters.lora import LoraGA as LoraGA
@@ -45,9 +47,11 @@ __all__ = [
     "adapter_shardings",
     "attention",
     "average_gradient",
+    "combine",
     "dora",
     "dora_weight_norms",
     "freeze",
+    "full_finetune",
     "grads",
     "init_with_residual",
     "join",

@@ -183,18 +183,18 @@ def longlora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
     train_config, eval_config = longlora.configure(model.config, cfg.seq_len)
     train_model, eval_model = LlamaForCausalLM(train_config), LlamaForCausalLM(eval_config)
     variables = {"params": params}
-    rec = longlora.recipe(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                          layouts=linen.kernel_layouts(train_model, jnp.zeros((1, 8), jnp.int32)))
-    trainable = rec.init(jax.random.key(cfg.seed), variables)
+    adapter = longlora.recipe(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+                              layouts=linen.kernel_layouts(train_model, jnp.zeros((1, 8), jnp.int32)))
+    trainable = adapter.init(jax.random.key(cfg.seed), variables)
 
     def loss_fn(trainable, variables, batch, rng):
-        logits = rec.apply(train_model, variables, trainable, batch[:, :-1], dropout_rng=rng)
+        logits = linen.apply(train_model, adapter, variables, trainable, batch[:, :-1], dropout_rng=rng)
         return cross_entropy(logits, batch[:, 1:])
 
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule(cfg), weight_decay=0.0))
-    return Recipe(trainable, variables, loss_fn, lambda tr: rec.merge(variables, tr)["params"], eval_model, optimizer,
-                  {"adapter": rec.adapter.config, "longlora": {"group_size_ratio": 0.25,
-                                                               "rope_scaling_factor": train_config.rope_scaling_factor}})
+    return Recipe(trainable, variables, loss_fn, lambda tr: adapter.merge(variables, tr)["params"], eval_model, optimizer,
+                  {"adapter": adapter.config, "longlora": {"group_size_ratio": 0.25,
+                                                           "rope_scaling_factor": train_config.rope_scaling_factor}})
 
 
 def galore_recipe(cfg: FinetuneConfig, model, params) -> Recipe:

@@ -137,13 +137,25 @@ def _interceptor(adapter: base.Adapter | None, executed: set | None = None, stri
     return intercept
 
 
+def _check_substituted(variables, substituted: dict) -> None:
+    have = {keys for keys, _, _ in tree_lib.flatten_with_paths(variables)}
+    missing = [tree_lib.path_str(k) for k in substituted if k not in have]
+    if missing:
+        raise ValueError(f"trained base leaves {missing} are not parameters of this model (is this adapter from another model?)")
+
+
 def inject(adapter: base.Adapter, variables, adapter_params, *, dropout_rng=None):
-    """``variables`` with each target's adapter leaves placed next to its kernel.
+    """``variables`` with each target's adapter leaves placed next to its kernel, and trained
+    base leaves (role ``("param",)``, :func:`lrj.full_finetune`) in place of their parameters.
 
     ``variables`` is what ``model.init`` returns (``{"params": ...}``); the input
     trees are not modified. With a ``dropout_rng``, each target also gets its own
     dropout keys, one per stacked (scanned) layer.
     """
+    adapter_params, substituted = base.substitutions(adapter, adapter_params)
+    if substituted:
+        _check_substituted(variables, substituted)
+        variables = base.replace_leaves(variables, substituted)
     entries = {}
     targets = base.resolve_targets(adapter_params, variables, adapter.leaf_names)
     for i, (keys, path, kernel, leaves) in enumerate(targets):
@@ -191,7 +203,8 @@ def apply(model: nn.Module, adapter: base.Adapter, variables, adapter_params, *a
     executed: set[str] = set()
     with nn.intercept_methods(_interceptor(adapter, executed, strip="params/" if bare else "")):
         out = model.apply(injected, *args, **kwargs)
-    targets = [path for _, path, _, _ in base.resolve_targets(adapter_params, variables, adapter.leaf_names)]
+    site_params, _ = base.substitutions(adapter, adapter_params)
+    targets = [path for _, path, _, _ in base.resolve_targets(site_params, variables, adapter.leaf_names)]
     missed = [path.removeprefix("params/") if bare else path for path in targets if path not in executed]
     if missed:
         # A target no supported layer call executed would get zero gradients and a merge that differs

@@ -22,20 +22,20 @@ Evaluation as in the paper: perplexity at the target length
 (:func:`perplexity`) and passkey retrieval (:func:`passkey_prompt`,
 :func:`passkey_retrieval`, :func:`passkey_accuracy`).
 
-Training both trainable sets. The trainable tree is the pair
-``(lora_params, extra_params)``; ``extra_params`` mirrors the selected base
-leaves (embedding table, norm scales) and is substituted into the frozen
-params inside the loss, so gradients and optimizer state cover exactly those
-leaves and the LoRA factors::
+Training both trainable sets. :func:`recipe` is one adapter (``lrj.combine`` of
+LoRA and ``lrj.full_finetune``): its tree holds the LoRA factors and copies of the
+selected base leaves (embedding table, norm scales), which the bridge substitutes
+into the frozen params inside the loss, so gradients and optimizer state cover
+exactly those leaves and the LoRA factors::
 
-    rec = lrj.longlora.recipe(layouts=lrj.linen.kernel_layouts(model, ids))
-    trainable = rec.init(key, variables)                    # (lora_params, extra_params)
-    def loss_fn(trainable, variables, batch, rng):
-        logits = rec.apply(train_model, variables, trainable, batch[:, :-1], dropout_rng=rng)
+    adapter = lrj.longlora.recipe(layouts=lrj.linen.kernel_layouts(model, ids))
+    adapter_params = adapter.init(key, variables)
+    def loss_fn(adapter_params, variables, batch, rng):
+        logits = lrj.linen.apply(train_model, adapter, variables, adapter_params, batch[:, :-1], dropout_rng=rng)
         return cross_entropy(logits, batch[:, 1:])
-    step = lrj.make_train_step(loss_fn, optax.adamw(2e-5))  # any optax optimizer on the pair
+    step = lrj.make_train_step(loss_fn, optax.adamw(2e-5), adapter=adapter)
     ...
-    eval_variables = rec.merge(variables, trainable)        # dense weights for full-attention inference
+    eval_variables = adapter.merge(variables, adapter_params)  # dense weights for full-attention inference
 
 References:
   Chen et al, `LongLoRA: Efficient Fine-tuning of Long-Context Large Language
@@ -56,15 +56,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank_jax import linen as linen_bridge
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import base
+from lowrank_jax.adapters.combinators import combine, full_finetune
 from lowrank_jax.adapters.lora import lora
 from lowrank_jax.attention.s2 import S2Attention
 
@@ -170,57 +170,23 @@ def configure(config: llama.LlamaConfig, target_len: int, *, original_len: int |
 # --------------------------------------------------------------------------- the trainable set
 
 
-class Recipe(NamedTuple):
-    """LongLoRA's trainable set: a LoRA adapter plus selected base leaves (see :func:`recipe`).
-
-    adapter: the :class:`lrj.Adapter` (LoRA on q/k/v/o).
-    is_extra(path, leaf) -> bool: selects the extra trainable base leaves.
-    init(key, variables) -> (lora_params, extra_params): the trainable tree.
-      ``extra_params`` holds *copies* of the selected leaves (so donating the
-      trainable tree never invalidates ``variables``), nested like ``variables``.
-    combine(variables, extra_params) -> variables: the extra leaves substituted.
-    apply(model, variables, trainable, *args, **kwargs): the model with both, in
-      factored form (``lrj.linen.apply`` on the combined variables).
-    merge(variables, trainable) -> variables: dense weights for inference/export.
-    mask(variables) -> tree of bools: ``True`` at the extra trainable leaves.
-    """
-
-    adapter: base.Adapter
-    is_extra: Callable[[str, Any], bool]
-    init: Callable
-    combine: Callable
-    apply: Callable
-    merge: Callable
-    mask: Callable
-
-
-def _matcher(patterns) -> Callable[[str, Any], bool]:
-    if callable(patterns):
-        return patterns
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"`trainable` must be a regex, a non-empty list of them or a callable (path, leaf) -> bool; "
-                        f"got {patterns!r}")
-    compiled = [re.compile(p) for p in patterns]
-    return lambda path, leaf: any(c.fullmatch(path) for c in compiled)
-
-
 def recipe(rank: int = 8, alpha: float = 16.0, *, targets: tree_lib.Targets = QKVO_TARGETS,
-           trainable: str | Sequence[str] | Callable[[str, Any], bool] = EXTRA_TRAINABLE,
-           layouts=None, dropout: float = 0.0) -> Recipe:
-    r"""LongLoRA's fine-tuning set: LoRA on q/k/v/o plus trainable embeddings and norms.
+           trainable: tree_lib.Targets = EXTRA_TRAINABLE, layouts=None, dropout: float = 0.0) -> base.Adapter:
+    r"""LongLoRA's fine-tuning set as one adapter: LoRA on q/k/v/o combined with trained embeddings and norms.
 
     .. math::
         y = x W + \tfrac{\alpha}{r} (x A) B \ \text{on } W_q, W_k, W_v, W_o,
         \qquad E, \gamma \text{ (embeddings, norm scales) trained directly}
 
-    with the paper's ``r = 8``, ``alpha = 16``. Everything else is frozen. The
-    trainable tree is ``(lora_params, extra_params)`` (module docstring).
+    with the paper's ``r = 8``, ``alpha = 16``. Everything else is frozen. It is
+    ``lrj.combine(lrj.lora(rank, alpha, targets, ...), lrj.full_finetune(trainable))``: one
+    tree holding the LoRA factors and copies of the selected base leaves, run by
+    ``lrj.linen.apply`` (which substitutes the trained leaves), merged by ``merge``.
 
     Args:
       rank, alpha: LoRA rank and alpha (scale ``alpha / rank``).
       targets: LoRA targets (regex / list / callable on "/"-joined paths).
-      trainable: the extra base leaves to train, same forms; the default
+      trainable: the base leaves to train directly, same forms; the default
         :data:`EXTRA_TRAINABLE` matches ``.../embed_tokens/embedding`` and every
         ``...norm/scale`` (``input_layernorm``, ``post_attention_layernorm``, ``norm``).
       layouts: kernel layouts for scanned (stacked) models, as in :func:`lrj.lora`
@@ -228,7 +194,7 @@ def recipe(rank: int = 8, alpha: float = 16.0, *, targets: tree_lib.Targets = QK
       dropout: LoRA dropout (the reference uses 0.05 for SFT, 0 otherwise).
 
     Returns:
-      A :class:`Recipe`.
+      An :class:`lrj.Adapter` (``config["method"] == "combine"``).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -236,58 +202,14 @@ def recipe(rank: int = 8, alpha: float = 16.0, *, targets: tree_lib.Targets = QK
       >>> from lowrank_jax.longlora import recipe
       >>> model = LlamaForCausalLM(LlamaConfig.tiny(num_hidden_layers=1))
       >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-      >>> lora_params, extra = recipe().init(jax.random.key(1), variables)
-      >>> sorted(lora_params["params"]["layers_0"]["self_attn"])
+      >>> tree = recipe().init(jax.random.key(1), variables)
+      >>> sorted(tree["params"]["layers_0"]["self_attn"])
       ['k_proj', 'o_proj', 'q_proj', 'v_proj']
-      >>> jax.tree.map(jnp.shape, extra)
-      {'params': {'embed_tokens': {'embedding': (128, 64)}, 'layers_0': {'input_layernorm': {'scale': (64,)}, 'post_attention_layernorm': {'scale': (64,)}}, 'norm': {'scale': (64,)}}}
+      >>> jax.tree.map(jnp.shape, tree["params"]["layers_0"]["input_layernorm"])
+      {'scale': {'w': (64,)}}
     """
-    adapter = lora(rank=rank, alpha=alpha, targets=targets, layouts=layouts, dropout=dropout)
-    is_extra = _matcher(trainable)
-
-    def selected(variables):
-        leaves = tree_lib.flatten_with_paths(variables)
-        found = [(keys, path, leaf) for keys, path, leaf in leaves if is_extra(path, leaf)]
-        if not found:
-            sample = ", ".join(repr(p) for _, p, _ in leaves[:12]) + (", ..." if len(leaves) > 12 else "")
-            raise ValueError(f"`trainable` {trainable!r} matched no parameter; paths include: {sample}")
-        for _, path, leaf in found:
-            if not jnp.issubdtype(getattr(leaf, "dtype", None), jnp.floating):
-                raise TypeError(f"extra trainable leaf {path!r} must be a floating-point array, got {type(leaf)}")
-        return found
-
-    def init_fn(key, variables):
-        lora_params = adapter.init(key, variables)
-        lora_paths = {path for _, path, _ in tree_lib.flatten_with_paths(lora_params)}
-        extra = {}
-        for keys, path, leaf in selected(variables):
-            if any(p.startswith(path + "/") for p in lora_paths):
-                raise ValueError(f"{path!r} is both a LoRA target and an extra trainable leaf")
-            extra[keys] = jnp.array(leaf, copy=True)
-        return lora_params, tree_lib.nest(extra)
-
-    def combine_fn(variables, extra_params):
-        new = {keys: leaf for keys, _, leaf in tree_lib.flatten_with_paths(extra_params)}
-        have = {keys for keys, _, _ in tree_lib.flatten_with_paths(variables)}
-        missing = [tree_lib.path_str(k) for k in new if k not in have]
-        if missing:
-            raise ValueError(f"extra params {missing} have no counterpart in `variables`")
-        return base.replace_leaves(variables, new)
-
-    def apply_fn(model, variables, trainable_params, *args, dropout_rng=None, **kwargs):
-        lora_params, extra_params = trainable_params
-        return linen_bridge.apply(model, adapter, combine_fn(variables, extra_params), lora_params, *args,
-                                  dropout_rng=dropout_rng, **kwargs)
-
-    def merge_fn(variables, trainable_params):
-        lora_params, extra_params = trainable_params
-        return adapter.merge(combine_fn(variables, extra_params), lora_params)
-
-    def mask_fn(variables):
-        return jax.tree_util.tree_map_with_path(
-            lambda kp, leaf: is_extra(tree_lib.path_str(kp), leaf), variables, is_leaf=tree_lib.is_quantized)
-
-    return Recipe(adapter, is_extra, init_fn, combine_fn, apply_fn, merge_fn, mask_fn)
+    return combine(lora(rank=rank, alpha=alpha, targets=targets, layouts=layouts, dropout=dropout),
+                   full_finetune(trainable))
 
 
 # --------------------------------------------------------------------------- evaluation

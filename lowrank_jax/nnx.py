@@ -105,7 +105,7 @@ def _run(module, kind: str, original, args, kwargs):
         raise RuntimeError(f"adapted layer {path!r} was called outside lrj.nnx.apply")
     adapter, executed = active
     executed.add(path)
-    leaves = {n: getattr(module, PREFIX + n)[...] for n in adapter.leaf_names}
+    leaves = {n: getattr(module, PREFIX + n)[...] for n in module._lrj_leaves}
     key_var = getattr(module, PREFIX + "dropout_key", None)
     x, site, out_perm = _site_input(module, kind, args, kwargs, kernel)
     if out_perm is not None:
@@ -152,6 +152,13 @@ def adapted_copy(model, adapter: base.Adapter | None, adapter_params, *, dropout
             module._lrj_adapted, module._lrj_token, module._lrj_path = False, token, tree_lib.path_str((*path, name))
     if adapter is None:
         return clone, token
+    adapter_params, substituted = base.substitutions(adapter, adapter_params)
+    for keys, value in substituted.items():  # trained base leaves replace their parameters
+        module = modules.get(tuple(keys[:-1]))
+        var = getattr(module, str(keys[-1]), None) if module is not None else None
+        if not isinstance(var, fnnx.Variable):
+            raise ValueError(f"trained base leaf {tree_lib.path_str(keys)!r} is not a variable of this model")
+        var.set_value(value)
     targets = base.resolve_targets(adapter_params, params(clone), adapter.leaf_names)
     for i, (keys, path, kernel, leaves) in enumerate(targets):
         module = modules.get(tuple(keys[:-1]))
@@ -162,6 +169,7 @@ def adapted_copy(model, adapter: base.Adapter | None, adapter_params, *, dropout
             )
         module.__class__ = _adapted_class(type(module))
         module._lrj_adapted, module._lrj_token, module._lrj_path = True, token, path
+        module._lrj_leaves = tuple(sorted(leaves))
         for n, v in leaves.items():
             setattr(module, PREFIX + n, AdapterParam(v))
         if dropout_rng is not None and adapter.config.get("dropout", 0.0) > 0.0:
@@ -183,7 +191,8 @@ def apply(model, adapter: base.Adapter, adapter_params, *args, dropout_rng=None,
     executed: set[str] = set()
     with _active(token, adapter, executed):
         out = getattr(clone, method)(*args, **kwargs)
-    targets = [path for _, path, _, _ in base.resolve_targets(adapter_params, params(clone), adapter.leaf_names)]
+    site_params, _ = base.substitutions(adapter, adapter_params)
+    targets = [path for _, path, _, _ in base.resolve_targets(site_params, params(clone), adapter.leaf_names)]
     missed = [path for path in targets if path not in executed]
     if missed:
         raise ValueError(

@@ -71,7 +71,7 @@ def adapter_shardings(params, adapter_params, shardings=None, *, adapter: base.A
                 entry[name] = sharding
                 continue
             kernel_spec = _spec_of(sharding, ndim)
-            by_role = dict(zip(("stack", "in", "out"), layout.split(kernel_spec)))
+            by_role = base.role_dims(layout, kernel_spec)
             axes = base.leaf_axes(roles[name], layout, ndim)
             taken = {k: 0 for k in by_role}
             spec = []

@@ -146,6 +146,14 @@ def _matcher(targets: Targets) -> Callable[[str, Any], bool]:
     return lambda path, leaf: any(c.fullmatch(path) for c in compiled)
 
 
+def targets_config(targets: Targets) -> dict:
+    """How an adapter's config records its ``targets``: the regex(es) as given, or a callable's
+    ``repr`` flagged ``targets_callable`` (it cannot be matched from the config)."""
+    if callable(targets):
+        return {"targets": repr(targets), "targets_callable": True}
+    return {"targets": targets if isinstance(targets, str) else list(targets)}
+
+
 def first_match(patterns: Mapping[str, Any] | None, path: str, default):
     """Value of the first pattern in ``patterns`` that fullmatches ``path``, else ``default``."""
     for pattern, value in (patterns or {}).items():
@@ -161,15 +169,11 @@ def default_layout(keys: tuple[Any, ...], shape: tuple[int, ...]) -> Layout | No
     return None
 
 
-def select_targets(
-    params,
-    targets: Targets,
-    layouts: Mapping[str, Layout | tuple[int, int]] | Callable[[str, Any], Layout | None] | None = None,
-) -> list[Target]:
-    """The leaves of ``params`` that ``targets`` selects, with their layouts.
+def select_leaves(params, targets: Targets) -> list[tuple[tuple[Any, ...], str, Any]]:
+    """``(keys, path, leaf)`` of the floating-point leaves of ``params`` that ``targets`` selects.
 
-    Raises ``ValueError`` naming some existing paths when nothing matches, and
-    when an N-D kernel's layout is not given; ``TypeError`` for non-floating leaves.
+    Raises ``ValueError`` naming some existing paths when nothing matches; ``TypeError``
+    for a selected leaf that is not floating point.
     """
     match = _matcher(targets)
     leaves = flatten_with_paths(params)
@@ -182,6 +186,26 @@ def select_targets(
         dtype = getattr(leaf, "dtype", None)
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"target {path!r} must be a floating-point array, got {type(leaf).__name__} of dtype {dtype}")
+        found.append((keys, path, leaf))
+    if not found:
+        sample = [p for _, p, _ in leaves]
+        shown = ", ".join(repr(p) for p in sample[:12]) + (", ..." if len(sample) > 12 else "")
+        raise ValueError(f"`targets` {targets!r} matched no parameter; paths in params include: {shown}")
+    return found
+
+
+def select_targets(
+    params,
+    targets: Targets,
+    layouts: Mapping[str, Layout | tuple[int, int]] | Callable[[str, Any], Layout | None] | None = None,
+) -> list[Target]:
+    """The leaves of ``params`` that ``targets`` selects, with their layouts.
+
+    Raises ``ValueError`` naming some existing paths when nothing matches, and
+    when an N-D kernel's layout is not given; ``TypeError`` for non-floating leaves.
+    """
+    found = []
+    for keys, path, leaf in select_leaves(params, targets):
         shape = shape_of(leaf)
         if callable(layouts):
             layout = layouts(path, leaf)
@@ -197,10 +221,6 @@ def select_targets(
         if layout.stack < 0 or layout.inputs < 1 or layout.stack + layout.inputs >= len(shape):
             raise ValueError(f"layout {layout} does not fit target {path!r} of shape {shape}")
         found.append(Target(keys, path, leaf, layout))
-    if not found:
-        sample = [p for _, p, _ in leaves]
-        shown = ", ".join(repr(p) for p in sample[:12]) + (", ..." if len(sample) > 12 else "")
-        raise ValueError(f"`targets` {targets!r} matched no parameter; paths in params include: {shown}")
     return found
 
 

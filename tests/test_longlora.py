@@ -94,23 +94,23 @@ def test_s2_attention_in_the_train_model_full_attention_in_the_eval_model(tiny):
 def test_recipe_train_step_changes_exactly_lora_embeddings_and_norms(tiny):
     train_config, _, variables, ids = tiny
     model = LlamaForCausalLM(train_config)
-    rec = longlora.recipe(layouts=lrj.linen.kernel_layouts(model, ids[:, :-1]))
-    assert rec.adapter.config["rank"] == 8 and rec.adapter.config["alpha"] == 16.0
-    trainable = rec.init(jax.random.key(2), variables)
-    lora_params, extra = trainable
+    adapter = longlora.recipe(layouts=lrj.linen.kernel_layouts(model, ids[:, :-1]))
+    lora_config = adapter.config["components"][0]
+    assert (lora_config["rank"], lora_config["alpha"]) == (8, 16.0)
+    trainable = adapter.init(jax.random.key(2), variables)
     frozen_copy = jax.tree.map(np.array, variables)
 
     def loss_fn(trainable, variables, batch, rng):
-        logits = rec.apply(model, variables, trainable, batch[:, :-1])
+        logits = lrj.linen.apply(model, adapter, variables, trainable, batch[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch[:, 1:]).mean()
 
     optimizer = optax.adam(1e-2)
-    step = jax.jit(lrj.make_train_step(loss_fn, optimizer))
+    step = jax.jit(lrj.make_train_step(loss_fn, optimizer, adapter=adapter))
     new, _, metrics = step(trainable, optimizer.init(trainable), variables, ids, jax.random.key(3))
     assert np.isfinite(float(metrics["loss"]))
 
     before = {p: np.asarray(x) for _, p, x in tree_lib.flatten_with_paths(variables)}
-    after = {p: np.asarray(x) for _, p, x in tree_lib.flatten_with_paths(rec.merge(variables, new))}
+    after = {p: np.asarray(x) for _, p, x in tree_lib.flatten_with_paths(adapter.merge(variables, new))}
     changed = {p for p in before if not np.array_equal(before[p], after[p])}
     extra_paths = {"params/embed_tokens/embedding", "params/norm/scale", "params/layers/input_layernorm/scale",
                    "params/layers/post_attention_layernorm/scale"}
@@ -118,15 +118,17 @@ def test_recipe_train_step_changes_exactly_lora_embeddings_and_norms(tiny):
     assert changed == extra_paths | lora_paths
     for path in sorted(p for p in changed if p.startswith("params/layers/")):  # every layer of a stacked leaf moved
         assert all(not np.array_equal(b, a) for b, a in zip(before[path], after[path])), path
-    # the trainable tree is exactly those leaves; every extra leaf and every b moved (a has zero gradient
+    # the trained base leaves are copies under "w"; every one and every b moved (a has zero gradient
     # at step 0 because b = 0), and the frozen variables were not touched
-    assert {p for _, p, _ in tree_lib.flatten_with_paths(extra)} == extra_paths
-    assert {p for _, p, m in tree_lib.flatten_with_paths(rec.mask(variables)) if m} == extra_paths
-    assert lora_params["params"]["layers"]["self_attn"]["q_proj"]["kernel"]["a"].shape == (2, 64, 8)
+    whole = {p.removesuffix("/w") for _, p, _ in tree_lib.flatten_with_paths(trainable) if p.endswith("/w")}
+    assert whole == extra_paths
+    assert trainable["params"]["layers"]["self_attn"]["q_proj"]["kernel"]["a"].shape == (2, 64, 8)
     for (_, p, old), (_, _, x) in zip(tree_lib.flatten_with_paths(trainable), tree_lib.flatten_with_paths(new)):
         assert np.array_equal(old, x) == p.endswith("/a"), p
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, variables), frozen_copy)
-    assert extra["params"]["embed_tokens"]["embedding"] is not variables["params"]["embed_tokens"]["embedding"]
+    copied = trainable["params"]["embed_tokens"]["embedding"]["w"]
+    assert copied is not variables["params"]["embed_tokens"]["embedding"]
+    np.testing.assert_array_equal(copied, variables["params"]["embed_tokens"]["embedding"])
 
 
 def test_recipe_paths_without_scan_and_errors():
@@ -134,16 +136,17 @@ def test_recipe_paths_without_scan_and_errors():
     model = LlamaForCausalLM(config)
     ids = jnp.zeros((1, 8), jnp.int32)
     abstract = jax.eval_shape(model.init, jax.random.key(0), ids)
-    lora_params, extra = jax.eval_shape(longlora.recipe().init, jax.random.key(1), abstract)
+    tree = jax.eval_shape(longlora.recipe().init, jax.random.key(1), abstract)
     layers = range(config.num_hidden_layers)
-    assert {p for _, p, _ in tree_lib.flatten_with_paths(extra)} == (
+    paths = {p for _, p, _ in tree_lib.flatten_with_paths(tree)}
+    assert {p.removesuffix("/w") for p in paths if p.endswith("/w")} == (
         {"params/embed_tokens/embedding", "params/norm/scale"}
         | {f"params/layers_{i}/{n}/scale" for i in layers for n in ("input_layernorm", "post_attention_layernorm")})
-    assert {p.rsplit("/", 1)[0] for _, p, _ in tree_lib.flatten_with_paths(lora_params)} == {
+    assert {p.rsplit("/", 1)[0] for p in paths if not p.endswith("/w")} == {
         f"params/layers_{i}/self_attn/{n}/kernel" for i in layers for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
     with pytest.raises(ValueError, match="matched no parameter"):
         longlora.recipe(trainable=r".*/nothing").init(jax.random.key(0), abstract)
-    with pytest.raises(ValueError, match="both a LoRA target and an extra trainable leaf"):
+    with pytest.raises(ValueError, match="'params/embed_tokens/embedding' is targeted by both 'lora' and 'full_finetune'"):
         longlora.recipe(targets=r".*embed_tokens/embedding").init(jax.random.key(0), abstract)
 
 

@@ -217,3 +217,99 @@ def test_dropout_keys_follow_the_roles_for_a_stacked_dora_target():
     leaves = adapter.init(jax.random.key(0), {"params": {"p": {"kernel": kernel}}})["params"]["p"]["kernel"]
     keys = base.dropout_keys(jax.random.key(1), 0, "params/p/kernel", kernel, leaves, adapter)
     assert keys.shape == (3,)
+
+
+# ----------------------------------------------------------------------------- combine, full_finetune
+
+class NormDense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.LayerNorm(name="norm")(x)
+        return nn.Dense(4, name="up")(nn.Dense(5, name="proj")(h))
+
+
+def _norm_model():
+    model = NormDense()
+    x = jax.random.normal(jax.random.key(2), (3, 6))
+    return model, x, model.init(jax.random.key(0), x)
+
+
+def test_combine_lora_with_trained_norms_is_one_adapter():
+    model, x, variables = _norm_model()
+    both = lrj.combine(lrj.lora(rank=2, targets=r".*/proj/kernel"), lrj.full_finetune(targets=r".*/norm/scale"))
+    lp = both.init(jax.random.key(1), variables)
+    assert jax.tree.map(jnp.shape, lp) == {"params": {"norm": {"scale": {"w": (6,)}},
+                                                       "proj": {"kernel": {"a": (6, 2), "b": (2, 5)}}}}
+    lp = jax.tree.map(lambda v: v + 0.25, lp)
+    out = lrj.linen.apply(model, both, variables, lp, x)
+    merged = both.merge(variables, lp)
+    np.testing.assert_allclose(merged["params"]["norm"]["scale"], lp["params"]["norm"]["scale"]["w"])
+    np.testing.assert_allclose(out, model.apply(merged, x), atol=1e-5)
+
+    # the trained norm's gradient is the model's gradient w.r.t. its scale
+    def loss_adapter(lp):
+        return jnp.sum(jnp.sin(lrj.linen.apply(model, both, variables, lp, x)))
+
+    def loss_dense(scale):
+        v = both.merge(variables, lp)
+        v = {"params": {**v["params"], "norm": {**v["params"]["norm"], "scale": scale}}}
+        return jnp.sum(jnp.sin(model.apply(v, x)))
+
+    g = jax.grad(loss_adapter)(lp)
+    np.testing.assert_allclose(g["params"]["norm"]["scale"]["w"], jax.grad(loss_dense)(merged["params"]["norm"]["scale"]),
+                               atol=1e-5)
+    assert float(jnp.max(jnp.abs(g["params"]["proj"]["kernel"]["a"]))) > 1e-3
+    with pytest.raises(ValueError, match=r"original values are not in the adapter tree"):
+        both.unmerge(merged, lp)
+
+
+def test_combine_two_loras_dispatch_by_their_regex_targets():
+    model, x, variables = _norm_model()
+    small, large = lrj.lora(rank=1, alpha=1.0, targets=r".*/proj/kernel"), lrj.lora(rank=3, alpha=6.0, targets=r".*/up/kernel")
+    both = lrj.combine(small, large)
+    lp = jax.tree.map(lambda v: v + 0.1, both.init(jax.random.key(1), variables))
+    assert lp["params"]["up"]["kernel"]["a"].shape == (5, 3)
+    out = lrj.linen.apply(model, both, variables, lp, x)
+    np.testing.assert_allclose(out, model.apply(both.merge(variables, lp), x), atol=1e-5)
+    np.testing.assert_allclose(both.unmerge(both.merge(variables, lp), lp)["params"]["up"]["kernel"],
+                               variables["params"]["up"]["kernel"], atol=1e-6)
+    # the scales are each component's own: up uses alpha 6 / r 3 = 2
+    one_only = {"params": {"up": lp["params"]["up"]}}
+    np.testing.assert_allclose(large.merge(variables, one_only)["params"]["up"]["kernel"],
+                               both.merge(variables, lp)["params"]["up"]["kernel"], atol=1e-6)
+
+
+def test_combine_refuses_overlaps_and_ambiguous_components():
+    _, _, variables = _norm_model()
+    with pytest.raises(ValueError, match=r"'params/proj/kernel' is targeted by both 'lora' and 'lora'"):
+        lrj.combine(lrj.lora(rank=2, targets=r".*/proj/kernel"), lrj.lora(rank=2, targets=r".*kernel")).init(jax.random.key(0), variables)
+    with pytest.raises(ValueError, match=r"need regex `targets`"):
+        lrj.combine(lrj.lora(targets=lambda p, leaf: True), lrj.lora(targets=r".*up/kernel"))
+    with pytest.raises(ValueError, match=r"different roles"):
+        lrj.combine(lrj.lora(), lrj.freeze(lrj.lora(targets=".*up/kernel"), {"a"}))
+
+
+def test_combined_adapter_splits_and_runs_in_nnx():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.norm = nnx.LayerNorm(6, rngs=rngs)
+            self.proj = nnx.Linear(6, 5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.proj(self.norm(x))
+
+    model = Net(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (3, 6))
+    both = lrj.freeze(lrj.combine(lrj.lora(rank=2, targets=r"proj/kernel"), lrj.full_finetune(targets=r"norm/scale")), {"a"})
+    lp = jax.tree.map(lambda v: v + 0.5, both.init(jax.random.key(1), lrj.nnx.params(model)))
+    trainable, frozen = lrj.split(both, lp)
+    assert jax.tree.map(jnp.shape, frozen) == {"proj": {"kernel": {"a": (6, 2)}}}
+    assert jax.tree.map(jnp.shape, trainable) == {"norm": {"scale": {"w": (6,)}}, "proj": {"kernel": {"b": (2, 5)}}}
+    out = lrj.nnx.apply(model, both, lp, x)
+    merged_model = nnx.clone(model)
+    merged = both.merge(lrj.nnx.params(model), lp)
+    nnx.update(merged_model, merged)
+    np.testing.assert_allclose(out, merged_model(x), atol=1e-5)
+    np.testing.assert_allclose(model.norm.scale[...], np.ones(6))  # the user's model is untouched

@@ -87,8 +87,10 @@ class Leaf(NamedTuple):
 
     axes: a pattern over the target kernel's layout ``[*stack, *inputs, *outputs]``:
       ``"stack"``, ``"in"`` and ``"out"`` each stand for all of the kernel's axes of that
-      kind; any other name (``"rank"``, ``"expert"``...) is one adapter-only axis, never
-      sharded. LoRA's ``a`` is ``("stack", "in", "rank")``.
+      kind, ``"param"`` for all of the parameter's axes (a leaf that *is* the parameter,
+      trained in its place: :func:`lrj.full_finetune`); any other name (``"rank"``,
+      ``"expert"``...) is one adapter-only axis, never sharded. LoRA's ``a`` is
+      ``("stack", "in", "rank")``.
     trainable: ``False`` for frozen adapter state (VeRA's shared projections, LaMDA's
       frozen A, LoRA-FA's A after :func:`lrj.freeze`): :func:`lrj.split` puts it apart,
       and no gradient is computed for it.
@@ -109,8 +111,9 @@ def leaf_axes(pattern, layout: tree_lib.Layout, kernel_ndim: int) -> tuple[str, 
     >>> leaf_axes(("stack", "in", "rank"), tree_lib.Layout(1, 2), 4)
     ('stack', 'in', 'in', 'rank')
     """
-    pattern = pattern.axes if isinstance(pattern, Leaf) else pattern
-    counts = {"stack": layout.stack, "in": layout.inputs, "out": kernel_ndim - layout.stack - layout.inputs}
+    pattern = _pattern(pattern)
+    counts = {"stack": layout.stack, "in": layout.inputs, "out": kernel_ndim - layout.stack - layout.inputs,
+              "param": kernel_ndim}
     out: list[str] = []
     for role in pattern:
         out.extend([role] * counts.get(role, 1))
@@ -140,23 +143,35 @@ def layout_of(path: str, kernel_shape, leaves: dict, roles: dict) -> tree_lib.La
     """
     kernel_shape = tuple(kernel_shape)
     ndim = len(kernel_shape)
+    candidates = [tree_lib.Layout(s, i) for s in range(ndim - 1) for i in range(1, ndim - s)]
+    if all(_pattern(roles[name]) == ("param",) for name in leaves):
+        candidates = [tree_lib.Layout(0, 0)]  # the leaves are the parameter itself: no split needed
     fits = []
-    for stack in range(ndim - 1):
-        for inputs in range(1, ndim - stack):
-            layout = tree_lib.Layout(stack, inputs)
-            by_role = dict(zip(("stack", "in", "out"), layout.split(kernel_shape)))
-            if all(_fits(_shape(leaf), leaf_axes(roles[name], layout, ndim), by_role) for name, leaf in leaves.items()):
-                fits.append(layout)
+    for layout in candidates:
+        by_role = role_dims(layout, kernel_shape)
+        if all(_fits(_shape(leaf), leaf_axes(roles[name], layout, ndim), by_role) for name, leaf in leaves.items()):
+            fits.append(layout)
     if len(fits) == 1:
         return fits[0]
     shapes = {n: _shape(v) for n, v in leaves.items()}
-    patterns = {n: (roles[n].axes if isinstance(roles[n], Leaf) else tuple(roles[n])) for n in leaves}
+    patterns = {n: _pattern(roles[n]) for n in leaves}
     if not fits:
         raise ValueError(
             f"adapter leaves for {path!r} do not fit the parameter: kernel {kernel_shape}, leaves {shapes} "
             f"(expected {patterns} over [*stack, *inputs, *outputs]); is this adapter from another model?"
         )
     raise ValueError(f"adapter leaves {shapes} for {path!r} fit several layouts of kernel {kernel_shape}: {fits}")
+
+
+def role_dims(layout: tree_lib.Layout, kernel_axes) -> dict:
+    """``{role: the kernel's entries (sizes, specs) of that role}``: stack, in, out, and
+    ``"param"`` for all of them in order (a leaf that is the parameter itself)."""
+    kernel_axes = tuple(kernel_axes)
+    return {**dict(zip(("stack", "in", "out"), layout.split(kernel_axes))), "param": kernel_axes}
+
+
+def _pattern(role) -> tuple:
+    return role.axes if isinstance(role, Leaf) else tuple(role)
 
 
 def _shape(leaf) -> tuple:
@@ -173,6 +188,28 @@ def _fits(shape, axes, by_role) -> bool:
                 return False
             taken[role] += 1
     return True
+
+
+def substitutions(adapter: Adapter, adapter_params) -> tuple[Any, dict]:
+    """``(site_params, {keys: value})``: the adapter tree without the targets whose leaf *is* the
+    parameter (role ``("param",)``, :func:`lrj.full_finetune`), and those leaves by their
+    parameter's key path, which the bridges put in place of the parameter before the call."""
+    if not adapter.roles:
+        return adapter_params, {}
+    roles = roles_of(adapter)
+    sites, subs = {}, {}
+    for keys, leaves in tree_lib.adapter_paths(adapter_params, adapter.leaf_names):
+        whole = [n for n in leaves if _pattern(roles[n]) == ("param",)]
+        if not whole:
+            sites[keys] = leaves
+        elif len(whole) == 1 and len(leaves) == 1:
+            subs[keys] = leaves[whole[0]]
+        else:
+            raise ValueError(f"{tree_lib.path_str(keys)!r}: a leaf that is the parameter itself ({whole}) cannot "
+                             f"share its target with other leaves ({sorted(leaves)})")
+    if not subs:
+        return adapter_params, {}
+    return tree_lib.nest(sites), subs
 
 
 def frozen_names(adapter: Adapter) -> frozenset:

@@ -360,7 +360,7 @@ def lora(
         return total
 
     config = dict(
-        method="lora", rank=rank, alpha=alpha, targets=targets if not callable(targets) else repr(targets),
+        method="lora", rank=rank, alpha=alpha, **tree_lib.targets_config(targets),
         rslora=rslora, dropout=dropout, init=init, rank_pattern=dict(rank_pattern or {}),
         alpha_pattern=dict(alpha_pattern or {}),
     )
