@@ -111,3 +111,19 @@ def test_bench_lora_square_dots(bench):
   %dot.3 = f32[64,4]{1,0} dot(%a, %d), lhs_contracting_dims={0}, rhs_contracting_dims={0}
 """
     assert bench.square_dots(hlo, 64) == 1
+
+
+def test_bench_lora_fa_tiny(tmp_path, capsys):
+    bench_fa = load("bench_lora_fa")
+    out = tmp_path / "lora_fa.json"
+    assert bench_fa.main([*TINY, "--no-scan", "--out", str(out)]) == 0
+    assert "| family" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["command"].startswith("python benchmarks/bench_lora_fa.py")
+    rows = {r["variant"]: r for r in result["rows"] if r["family"] == "linen"}
+    base, old, frozen = rows["LoRA + adamw"], rows["LoRA-FA, A trainable"], rows["LoRA-FA, lrj.freeze(a)"]
+    # freezing A skips its gradient: fewer FLOPs than LoRA + adamw and than LoRA-FA with A trainable
+    assert frozen["flops"] < base["flops"] and frozen["flops"] < old["flops"]
+    assert frozen["jaxpr_factor_grad_dots"] == 2 == old["jaxpr_factor_grad_dots"] // 2  # dB only, 2 layers
+    assert frozen["trainable_params"] == 2 * 4 * 64 and base["trainable_params"] == 2 * 2 * 4 * 64
+    np.testing.assert_allclose(frozen["loss"], base["loss"], rtol=1e-6)  # b = 0 at init: same loss
