@@ -122,9 +122,32 @@ def _cmd_merge(args) -> int:
     return 0
 
 
-def _cmd_info(args) -> int:
+def adapter_counts(adapter_tree, frozen_names=()) -> tuple[list, int, int, int]:
+    """``(shapes, trainable, frozen, targets)`` of an adapter tree (arrays or checkpoint metadata).
+
+    ``shapes``: ``[(path, shape)]`` per leaf; ``trainable``/``frozen``: numbers of scalars in
+    leaves not named / named in ``frozen_names`` (``adapter.config["frozen"]``, see ``lrj.freeze``);
+    ``targets``: the number of adapted parameters, one per target dict of leaves
+    (``lowrank_jax.tree.adapter_paths``), however many factors and stacked layers it holds.
+    """
+    import jax
     import numpy as np
 
+    from lowrank_jax import tree as tree_lib
+
+    leaves = jax.tree_util.tree_flatten_with_path(adapter_tree)[0]
+    flat = {tuple(tree_lib._key_name(k) for k in kp): tuple(m.shape) for kp, m in leaves}
+    frozen_names = frozenset(frozen_names)
+    trainable = int(sum(np.prod(s) for keys, s in flat.items() if keys[-1] not in frozen_names))
+    frozen = int(sum(np.prod(s) for keys, s in flat.items() if keys[-1] in frozen_names))
+    try:
+        targets = len(tree_lib.adapter_paths(tree_lib.nest(flat), frozenset(keys[-1] for keys in flat)))
+    except ValueError:  # not a tree of targets (GaLore trains the model's own params)
+        targets = 0
+    return [(jax.tree_util.keystr(kp), tuple(m.shape)) for kp, m in leaves], trainable, frozen, targets
+
+
+def _cmd_info(args) -> int:
     from lowrank_jax import checkpoint
     from lowrank_jax.finetune import UserError
 
@@ -137,17 +160,16 @@ def _cmd_info(args) -> int:
     if config is None:
         raise UserError(f"no checkpoint with a config in {ck_dir}")
     metadata = mngr.item_metadata(step)["adapter"]
-    import jax
-
-    shapes = [(jax.tree_util.keystr(kp), tuple(m.shape)) for kp, m in jax.tree_util.tree_flatten_with_path(metadata)[0]]
-    trainable = int(sum(np.prod(s) for _, s in shapes))
-    total = config["base_params"] + trainable
     a = config["adapter"]
+    shapes, trainable, frozen, targets = adapter_counts(metadata, a.get("frozen", ()))
+    total = config["base_params"] + trainable + frozen
     shown = "  ".join(f"{k}: {a[k]}" for k in ("rank", "alpha", "rslora", "dropout", "update_proj_gap", "scale") if k in a)
     print(f"model: {config['model']}  step: {step}  method: {config['finetune']['method']}  {shown}")
     if "targets" in a:
-        print(f"targets: {a['targets']}  ({len(shapes) // 2} adapted parameters)")
+        print(f"targets: {a['targets']}  ({targets} adapted parameters)")
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    if frozen:
+        print(f"frozen adapter params: {frozen:,d} ({', '.join(sorted(a['frozen']))})")
     if args.verbose:
         for path, shape in shapes:
             print(f"  {path}: {shape}")

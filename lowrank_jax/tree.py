@@ -151,7 +151,9 @@ def targets_config(targets: Targets) -> dict:
     ``repr`` flagged ``targets_callable`` (it cannot be matched from the config)."""
     if callable(targets):
         return {"targets": repr(targets), "targets_callable": True}
-    return {"targets": targets if isinstance(targets, str) else list(targets)}
+    if isinstance(targets, (list, tuple)):
+        return {"targets": list(targets)}
+    return {"targets": targets}  # a string, or something `init` refuses with a TypeError
 
 
 def first_match(patterns: Mapping[str, Any] | None, path: str, default):

@@ -19,6 +19,7 @@ from jax import lax
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import base
 from lowrank_jax.adapters.lora import lora
+from lowrank_jax.adapters.scale import target_scale
 
 __all__ = ["dora", "column_norms", "weight_norms"]
 
@@ -37,10 +38,11 @@ def column_norms(kernel, a, b, scale: float, inputs: int):
     a, b = a.astype(dtype), b.astype(dtype)
     in_axes = tuple(range(inputs))
     w_sq = jnp.sum(w * w, axis=in_axes)  # [*outputs]
-    wta = jnp.tensordot(a, w, axes=(in_axes, in_axes))  # [r, *outputs]
-    ata = jnp.tensordot(a, a, axes=(in_axes, in_axes))  # [r, r]
+    at = jnp.moveaxis(a, -1, 0)  # [r, *inputs]; contract() compiles over sharded inputs under an Explicit mesh
+    wta = base.contract(at, w, inputs)  # [r, *outputs]
+    ata = base.contract(at, a, inputs)  # [r, r]
     cross = jnp.sum(wta * b, axis=0)
-    quad = jnp.sum(b * jnp.tensordot(ata, b, axes=1), axis=0)
+    quad = jnp.sum(b * base.contract(ata, b, 1), axis=0)
     return jnp.sqrt(jnp.maximum(w_sq + 2.0 * scale * cross + scale * scale * quad, 0.0))
 
 
@@ -94,11 +96,6 @@ def dora(
                  alpha_pattern=alpha_pattern, layouts=layouts, param_dtype=param_dtype)
     names = frozenset("abm")
 
-    def scale_of(path: str, r: int) -> float:
-        from lowrank_jax.adapters.lora import lora_scale
-
-        return lora_scale(r, tree_lib.first_match(alpha_pattern, path, alpha), rslora)
-
     def init_fn(key, params):
         lp = inner.init(key, params)
         flat = {keys: leaf for keys, _, leaf in tree_lib.flatten_with_paths(params)}
@@ -118,7 +115,7 @@ def dora(
         if site.kind != "linear":
             raise NotImplementedError(f"DoRA supports linear layers only; {path!r} is called as {site.kind!r}")
         a, b, m = leaves["a"], leaves["b"], leaves["m"]
-        scale = scale_of(path, a.shape[-1])
+        scale = target_scale(inner.config, path, a.shape[-1])
         kernel = site.kernel
         na, nb = (lax.stop_gradient(a), lax.stop_gradient(b)) if detach_norm else (a, b)
         norm = column_norms(kernel, na, nb, scale, site.inputs)
@@ -139,24 +136,11 @@ def dora(
         base_out = base.match_sharding(base.contract(xd.astype(dtype), kernel.astype(dtype), site.inputs).astype(y.dtype), y)
         return (y - base_out) + g * (base_out + delta)
 
-    def _norms(params, adapter_params):
-        out = {}
-        for keys, path, kernel, leaves in base.resolve_targets(adapter_params, params, names):
-            layout = base.derive_layout(path, tree_lib.shape_of(kernel), leaves["a"].shape, leaves["b"].shape)
-            delta = base.dense_delta(leaves["a"], leaves["b"], layout, tree_lib.shape_of(kernel), scale_of(path, leaves["a"].shape[-1]))
-            v = base.dense(kernel) + delta
-            axes = tuple(range(layout.stack, layout.stack + layout.inputs))
-            out[keys] = (kernel, v, jnp.sqrt(jnp.sum(v * v, axis=axes, keepdims=True)), leaves, axes)
-        return out
-
-    def _expand(m, axes):
-        for ax in axes:
-            m = jnp.expand_dims(m, ax)
-        return m
-
     def merge_fn(params, adapter_params):
         new = {}
-        for keys, (kernel, v, n, leaves, axes) in _norms(params, adapter_params).items():
+        for keys, _, kernel, leaves, axes, delta in _deltas(inner.config, params, adapter_params, names):
+            v = base.dense(kernel) + delta
+            n = jnp.sqrt(jnp.sum(v * v, axis=axes, keepdims=True))
             new[keys] = (_expand(leaves["m"].astype(jnp.float32), axes) / n * v).astype(kernel.dtype)
         return base.replace_leaves(params, new)
 
@@ -167,10 +151,7 @@ def dora(
                 "pass norms=lrj.dora_weight_norms(adapter, base_params, adapter_params), computed before merging"
             )
         new = {}
-        for keys, path, kernel, leaves in base.resolve_targets(adapter_params, params, names):
-            layout = base.derive_layout(path, tree_lib.shape_of(kernel), leaves["a"].shape, leaves["b"].shape)
-            axes = tuple(range(layout.stack, layout.stack + layout.inputs))
-            delta = base.dense_delta(leaves["a"], leaves["b"], layout, tree_lib.shape_of(kernel), scale_of(path, leaves["a"].shape[-1]))
+        for keys, path, kernel, leaves, axes, delta in _deltas(inner.config, params, adapter_params, names):
             n = _expand(jnp.asarray(norms[path], jnp.float32), axes)
             v = base.dense(kernel) * n / _expand(leaves["m"].astype(jnp.float32), axes)
             new[keys] = (v - delta).astype(kernel.dtype)
@@ -185,16 +166,26 @@ def dora(
                         {**base.LORA_ROLES, "m": base.Leaf(("stack", "out"))})
 
 
+def _expand(m, axes):
+    for ax in axes:
+        m = jnp.expand_dims(m, ax)
+    return m
+
+
+def _deltas(config, params, adapter_params, names):
+    """``(keys, path, kernel, leaves, input axes, s A B as a dense fp32 kernel)`` for every target."""
+    for keys, path, kernel, leaves in base.resolve_targets(adapter_params, params, names):
+        shape = tree_lib.shape_of(kernel)
+        layout = base.derive_layout(path, shape, leaves["a"].shape, leaves["b"].shape)
+        scale = target_scale(config, path, leaves["a"].shape[-1])
+        delta = base.dense_delta(leaves["a"], leaves["b"], layout, shape, scale)
+        yield keys, path, kernel, leaves, tuple(range(layout.stack, layout.stack + layout.inputs)), delta
+
+
 def weight_norms(adapter: base.Adapter, params, adapter_params) -> dict:
     """``{target path: ||W + s A B||_c}`` as DoRA's ``merge`` uses them; keep them to ``unmerge`` later."""
-    from lowrank_jax.adapters.lora import lora_scale
-
-    cfg = adapter.config
     out = {}
-    for keys, path, kernel, leaves in base.resolve_targets(adapter_params, params, adapter.leaf_names):
-        layout = base.derive_layout(path, tree_lib.shape_of(kernel), leaves["a"].shape, leaves["b"].shape)
-        r = leaves["a"].shape[-1]
-        scale = lora_scale(r, tree_lib.first_match(cfg["alpha_pattern"], path, cfg["alpha"]), cfg["rslora"])
-        v = base.dense(kernel) + base.dense_delta(leaves["a"], leaves["b"], layout, tree_lib.shape_of(kernel), scale)
-        out[path] = jnp.sqrt(jnp.sum(v * v, axis=tuple(range(layout.stack, layout.stack + layout.inputs))))
+    for _, path, kernel, _, axes, delta in _deltas(adapter.config, params, adapter_params, adapter.leaf_names):
+        v = base.dense(kernel) + delta
+        out[path] = jnp.sqrt(jnp.sum(v * v, axis=axes))
     return out

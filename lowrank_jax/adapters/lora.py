@@ -159,9 +159,7 @@ def _check_lora_ga(ga) -> LoraGA:
     return ga
 
 
-def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
-    """``s = alpha / r``, or ``alpha / sqrt(r)`` under rsLoRA."""
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
+from lowrank_jax.adapters.scale import lora_scale, target_scale  # noqa: E402,F401  (lora_scale: re-exported)
 
 
 def _check_positive(name: str, value, kind=(int, float)):
@@ -267,7 +265,7 @@ def lora(
         return tree_lib.first_match(rank_pattern, path, rank)
 
     def scale_of(path: str, r: int | None = None) -> float:
-        return lora_scale(r or rank_of(path), tree_lib.first_match(alpha_pattern, path, alpha), rslora)
+        return target_scale({"alpha": alpha, "alpha_pattern": alpha_pattern, "rslora": rslora}, path, r or rank_of(path))
 
     def init_fn(key, params, *, grads=None):
         """``grads``: for ``init="lora_ga"`` only, the averaged full gradient, a tree like ``params``

@@ -30,6 +30,7 @@ import numpy as np
 
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import base
+from lowrank_jax.adapters import scale as scale_lib
 from lowrank_jax.adapters.lora import lora
 from lowrank_jax.io.hf_names import llama_module_name as llama_module_name  # re-exported
 
@@ -38,10 +39,31 @@ __all__ = ["save_peft", "load_peft", "llama_module_name"]
 PREFIX = "base_model.model."
 
 
-def _targets(params, adapter_params, leaf_names=frozenset("ab")):
-    for keys, path, kernel, leaves in base.resolve_targets(adapter_params, params, leaf_names):
-        layout = base.derive_layout(path, tree_lib.shape_of(kernel), leaves["a"].shape, leaves["b"].shape)
-        yield keys, path, kernel, leaves, layout
+def _lora_factors(adapter: base.Adapter) -> tuple[str, str]:
+    """The names of ``adapter``'s A and B from its leaf roles; raises unless those are its only leaves.
+
+    peft's LoRA format stores ``lora_A``/``lora_B`` only: a leaf of any other role (DoRA's
+    magnitude ``m: ("stack", "out")``, which peft stores as ``lora_magnitude_vector``
+    under ``use_dora=True``, a format not written here) cannot be exported.
+    """
+    roles = scale_lib.roles_or_lora(adapter)
+    lora_axes = tuple(leaf.axes for leaf in base.LORA_ROLES.values())
+    others = {n: leaf.axes for n, leaf in roles.items() if leaf.axes not in lora_axes}
+    if others:
+        raise ValueError(
+            f"cannot export adapter {adapter.config.get('method', '?')!r} in peft's LoRA format: its leaves {others} "
+            f"are not LoRA factors {lora_axes} (peft's DoRA format, use_dora=True, is not supported)"
+        )
+    return scale_lib.lora_factor_names(adapter)
+
+
+def _targets(adapter: base.Adapter, params, adapter_params):
+    """``(keys, path, kernel, a, b, layout)`` per target, the factors and layout found from the leaves' roles."""
+    a_name, b_name = _lora_factors(adapter)
+    roles = scale_lib.roles_or_lora(adapter)
+    for keys, path, kernel, leaves in base.resolve_targets(adapter_params, params, frozenset(roles)):
+        layout = base.layout_of(path, tree_lib.shape_of(kernel), leaves, roles)
+        yield keys, path, kernel, leaves[a_name], leaves[b_name], layout
 
 
 def save_peft(directory: str | os.PathLike, adapter: base.Adapter, params, adapter_params, *,
@@ -51,12 +73,14 @@ def save_peft(directory: str | os.PathLike, adapter: base.Adapter, params, adapt
     from safetensors.numpy import save_file
 
     cfg = adapter.config
-    if cfg.get("method") != "lora":
-        raise ValueError(f"only LoRA adapters have a peft LORA format here, got method {cfg.get('method')!r}")
+    missing = [k for k in ("rank", "alpha", "alpha_pattern", "rslora", "dropout") if k not in cfg]
+    if missing:
+        raise ValueError(f"cannot export adapter {cfg.get('method', '?')!r} in peft's LoRA format: "
+                         f"its config lacks {missing}")
     tensors, rank_pattern, alpha_pattern, modules = {}, {}, {}, set()
     scale_default = cfg["alpha"]
-    for keys, path, kernel, leaves, layout in _targets(params, adapter_params):
-        a, b = np.asarray(leaves["a"], np.float32), np.asarray(leaves["b"], np.float32)
+    for keys, path, kernel, a, b, layout in _targets(adapter, params, adapter_params):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         r = a.shape[-1]
         stack = tuple(tree_lib.shape_of(kernel)[: layout.stack])
         a2 = a.reshape(*stack, -1, r)

@@ -22,9 +22,9 @@ from lowrank_jax.optim.adam import add_decayed_weights_after_step, scale_by_adam
 __all__ = ["scale_by_lora_fa", "lora_fa", "lora_fa_labels"]
 
 
-def _flat_pair(path, a, b, layouts):
+def _flat_pair(path, a, b, layouts, adapter=None):
     """``a: [*S, I, r]`` and ``b: [*S, r, O]`` views of N-D factors."""
-    stack = _common.lora_stack(path, a.shape, b.shape, layouts)
+    stack = _common.lora_stack(path, a.shape, b.shape, layouts, adapter)
     s_shape = a.shape[:stack]
     r = a.shape[-1]
     return stack, a.reshape(*s_shape, -1, r), b.reshape(*s_shape, r, -1)
@@ -53,7 +53,9 @@ def scale_by_lora_fa(scale: Any, *, delta: float = 1e-8, layouts: Any = None) ->
     ``a: [*stack, *inputs, r]``, ``b: [*stack, r, *outputs]`` are handled per stacked slice.
 
     Every mapping of the update tree holding both ``a`` and ``b`` is a LoRA
-    target; other leaves pass through. The transform needs the current factors:
+    target (given an adapter as ``scale``, the two leaves its roles declare
+    ``("stack", "in", "rank")`` and ``("stack", "rank", "out")``, and the stacked
+    axes follow from those roles); other leaves pass through. The transform needs the current factors:
     call ``update(grads, state, params)``. It computes in float32 and returns the
     gradients' dtypes. peft computes ``g_B pinv(...)`` under a bfloat16 autocast
     on CPU; this is the float32 computation (the tests compare with both).
@@ -70,38 +72,43 @@ def scale_by_lora_fa(scale: Any, *, delta: float = 1e-8, layouts: Any = None) ->
       An :class:`optax.GradientTransformation`.
     """
     scale_of = _common.lora_scale_fn(scale)
+    adapter = _common.adapter_of(scale)
+    a_name, b_name = _common.lora_factor_names(adapter)
     _common.check_nonnegative("delta", delta)
 
     def init_fn(params):
-        if not _common.lora_pair_paths(params):
-            raise ValueError("LoRA-FA found no LoRA factors: expected mappings holding leaves named 'a' and 'b' "
-                             "(the tree `adapter.init` returns)")
+        if not _common.lora_pair_paths(params, adapter=adapter):
+            raise _common.no_factors_error("LoRA-FA", adapter)
         return optax.EmptyState()
 
     def precondition(path, g, p):
-        a, b, gb = p["a"], p["b"], g["b"]
+        a, b, gb = p[a_name], p[b_name], g[b_name]
         s = scale_of(path, a)
-        stack, a2, _ = _flat_pair(path, a, b, layouts)
+        stack, a2, _ = _flat_pair(path, a, b, layouts, adapter)
         gb2 = gb.astype(jnp.float32).reshape(*b.shape[: stack + 1], -1)
         inv = _linalg.pinv_psd(_gram_a(a2.astype(jnp.float32)), delta)
         new_b = jnp.einsum("...rs,...so->...ro", inv, gb2, precision=_linalg.HIGHEST) / (s * s)
         new_b = _common.reshard_like(new_b.reshape(gb.shape).astype(gb.dtype), gb)
-        return {"a": jnp.zeros_like(g["a"]), "b": new_b}
+        return {a_name: jnp.zeros_like(g[a_name]), b_name: new_b}
 
     def update_fn(updates, state, params=None):
-        new, _ = _common.map_lora_pairs(precondition, updates, params)
+        new, _ = _common.map_lora_pairs(precondition, updates, params, adapter=adapter)
         return new, state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def lora_fa_labels(params) -> Any:
-    """``"frozen"`` for every ``a`` factor of a LoRA target, ``"train"`` elsewhere."""
-    targets = set(_common.lora_pair_paths(params))
+def lora_fa_labels(params, adapter=None) -> Any:
+    """``"frozen"`` for every ``a`` factor of a LoRA target, ``"train"`` elsewhere.
+
+    Given ``adapter``, the factors are the leaves its roles declare (see :func:`scale_by_lora_fa`).
+    """
+    targets = set(_common.lora_pair_paths(params, adapter=adapter))
+    a_name, _ = _common.lora_factor_names(adapter)
 
     def label(keypath, leaf):
         keys = tuple(tree_lib._key_name(k) for k in keypath)
-        return "frozen" if keys and keys[-1] == "a" and tree_lib.path_str(keys[:-1]) in targets else "train"
+        return "frozen" if keys and keys[-1] == a_name and tree_lib.path_str(keys[:-1]) in targets else "train"
 
     return jax.tree_util.tree_map_with_path(label, params)
 
@@ -161,9 +168,13 @@ def lora_fa(
       Language Models Fine-tuning <https://arxiv.org/abs/2308.03303>`_, 2023.
     """
     _common.check_learning_rate(learning_rate)
+    adapter = _common.adapter_of(scale)
+
+    def labels(params):
+        return lora_fa_labels(params, adapter)
 
     def decay_mask(params):
-        trainable = jax.tree.map(lambda label: label == "train", lora_fa_labels(params))
+        trainable = jax.tree.map(lambda label: label == "train", labels(params))
         if mask is None:
             return trainable
         user = mask(params) if callable(mask) else mask
@@ -174,7 +185,7 @@ def lora_fa(
         optax.partition(
             {"frozen": optax.set_to_zero(),
              "train": optax.chain(scale_by_adam_hf(b1, b2, eps), optax.scale_by_learning_rate(learning_rate))},
-            lora_fa_labels,
+            labels,
         ),
         add_decayed_weights_after_step(weight_decay, learning_rate, decay_mask),
     )

@@ -9,6 +9,7 @@ after each step (``tests/fixtures/make_optim_references.py``).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ import jax
 import optax
 
 from lowrank_jax import tree as tree_lib
+from lowrank_jax.adapters import scale as scale_lib
 from lowrank_jax.optim import _common
 
 __all__ = ["lora_plus", "lora_plus_labels", "LORA_PLUS_GROUPS"]
@@ -28,7 +30,7 @@ LORA_PLUS_GROUPS = ("a", "embedding", "b", "b_no_decay")
 NO_DECAY_NAMES = ("bias", "scale")
 
 
-def lora_plus_labels(params) -> Any:
+def lora_plus_labels(params, adapter=None) -> Any:
     """peft's LoRA+ group of every leaf of a trainable tree, as a tree of labels.
 
     * ``"embedding"``: the factors ``a``/``b`` of a target whose path ends in
@@ -44,14 +46,26 @@ def lora_plus_labels(params) -> Any:
     Leaves are named by their last key; the target path is the keys before it.
     A bias stacked by ``nn.scan`` is 2-D and lands in ``"a"`` (peft's rule is
     ``ndim == 1``): pass your own labels to :func:`lora_plus` if that matters.
+
+    Given ``adapter`` (:class:`lrj.Adapter`), its leaves are grouped by their roles, not
+    their names: the factor ``("stack", "in", "rank")`` is A, ``("stack", "rank", "out")``
+    is B, and another leaf with at most one axis besides ``"stack"`` (DoRA's
+    ``m: ("stack", "out")``) goes with B, which is peft's ``ndim == 1`` rule applied per
+    layer: on unstacked trees the groups are the ones above, and a stacked ``m`` is put
+    with B as peft puts each layer's magnitude vector.
     """
+    factors = _common.lora_factor_names(adapter)
+    roles = scale_lib.roles_or_lora(adapter) if adapter is not None else {}
 
     def label(keypath, leaf):
         keys = tuple(tree_lib._key_name(k) for k in keypath)
         name = keys[-1] if keys else None
-        if name in ("a", "b") and len(keys) >= 2 and keys[-2] in tree_lib.EMBEDDING_NAMES:
+        if name in factors and len(keys) >= 2 and keys[-2] in tree_lib.EMBEDDING_NAMES:
             return "embedding"
-        if name == "b" or getattr(leaf, "ndim", None) == 1:
+        vector = getattr(leaf, "ndim", None) == 1
+        if name in roles and name not in factors:
+            vector = len([r for r in roles[name].axes if r != "stack"]) <= 1
+        if name == factors[1] or vector:
             return "b_no_decay" if name in NO_DECAY_NAMES else "b"
         return "a"
 
@@ -74,6 +88,7 @@ def lora_plus(
     lr_embedding: _common.ScalarOrSchedule = 1e-6,
     weight_decay: float | None = 0.0,
     labels: Any = None,
+    adapter: Any = None,
     **base_kwargs,
 ) -> optax.GradientTransformation:
     r"""LoRA+: ``base`` optimizers per parameter group, B factors at ``lr_ratio`` times the learning rate.
@@ -107,6 +122,9 @@ def lora_plus(
       lr_embedding: learning rate of embedding factors (peft: 1e-6).
       weight_decay: decay for all groups except ``"b_no_decay"``, or ``None``.
       labels: a label tree (or callable of the params) replacing :func:`lora_plus_labels`.
+      adapter: the :class:`lrj.Adapter` that made the tree: its leaves are grouped by their
+        roles (``lora_plus_labels(params, adapter)``); the same groups as without it on
+        unstacked LoRA and DoRA trees.
       **base_kwargs: passed to every ``base`` call (e.g. ``b1``, ``eps``).
 
     Returns:
@@ -151,4 +169,6 @@ def lora_plus(
         "b": make(_common.scaled_schedule(learning_rate, lr_ratio), True),
         "b_no_decay": make(_common.scaled_schedule(learning_rate, lr_ratio), False),
     }
-    return optax.partition(transforms, labels if labels is not None else lora_plus_labels)
+    if labels is None:
+        labels = functools.partial(lora_plus_labels, adapter=adapter)
+    return optax.partition(transforms, labels)

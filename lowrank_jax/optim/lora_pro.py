@@ -106,7 +106,9 @@ def scale_by_lora_pro(
     r"""Replaces the gradients of every LoRA target's ``a``/``b`` by LoRA-Pro's equivalent gradients.
 
     See :func:`lora_pro_gradients` for the formula. Every mapping in the update tree
-    holding both ``a`` and ``b`` is a target (other leaves pass through); N-D factors
+    holding both ``a`` and ``b`` is a target (given an adapter as ``scale``, the leaves
+    its roles declare ``("stack", "in", "rank")`` and ``("stack", "rank", "out")``;
+    other leaves pass through); N-D factors
     ``a: [*stack, *inputs, r]``, ``b: [*stack, r, *outputs]`` are flattened to
     ``[*stack, in, r]``/``[*stack, r, out]`` and handled per stacked slice. Needs
     the current factors: ``update(grads, state, params)``. Stateless.
@@ -122,26 +124,27 @@ def scale_by_lora_pro(
         raise ValueError(f"`x_mode` must be one of {X_MODES}, got {x_mode!r}")
     _common.check_nonnegative("delta", delta)
     scale_of = _common.lora_scale_fn(scale)
+    adapter = _common.adapter_of(scale)
+    a_name, b_name = _common.lora_factor_names(adapter)
 
     def init_fn(params):
-        if not _common.lora_pair_paths(params):
-            raise ValueError("LoRA-Pro found no LoRA factors: expected mappings holding leaves named 'a' and 'b' "
-                             "(the tree `adapter.init` returns)")
+        if not _common.lora_pair_paths(params, adapter=adapter):
+            raise _common.no_factors_error("LoRA-Pro", adapter)
         return optax.EmptyState()
 
     def one(path, g, p):
-        a, b = p["a"], p["b"]
-        stack = _common.lora_stack(path, a.shape, b.shape, layouts)
+        a, b = p[a_name], p[b_name]
+        stack = _common.lora_stack(path, a.shape, b.shape, layouts, adapter)
         r = a.shape[-1]
         lead = a.shape[:stack]
         flat = lambda x, first: x.reshape(*lead, -1, r) if first else x.reshape(*lead, r, -1)  # noqa: E731
-        ga, gb = lora_pro_gradients(flat(a, True), flat(b, False), flat(g["a"], True), flat(g["b"], False),
+        ga, gb = lora_pro_gradients(flat(a, True), flat(b, False), flat(g[a_name], True), flat(g[b_name], False),
                                     scale_of(path, a), x_mode=x_mode, delta=delta)
-        return {"a": _common.reshard_like(ga.reshape(g["a"].shape), g["a"]),
-                "b": _common.reshard_like(gb.reshape(g["b"].shape), g["b"])}
+        return {a_name: _common.reshard_like(ga.reshape(g[a_name].shape), g[a_name]),
+                b_name: _common.reshard_like(gb.reshape(g[b_name].shape), g[b_name])}
 
     def update_fn(updates, state, params=None):
-        new, _ = _common.map_lora_pairs(one, updates, params)
+        new, _ = _common.map_lora_pairs(one, updates, params, adapter=adapter)
         return new, state
 
     return optax.GradientTransformation(init_fn, update_fn)
