@@ -49,7 +49,7 @@ def make_train_step(
         raise ValueError("`penalty` > 0 needs the `adapter` whose penalty to add")
 
     def objective(trainable, frozen, params, batch, rng):
-        adapter_params = base.join(trainable, frozen)
+        adapter_params = base.join(adapter, trainable, frozen)
         out = loss_fn(adapter_params, params, batch, rng)
         loss, aux = out if has_aux else (out, None)
         reg = adapter.penalty(params, adapter_params) if penalty > 0 else jnp.zeros((), jnp.float32)
@@ -63,10 +63,10 @@ def make_train_step(
         )
         # The optimizer sees the whole tree (LoRA-FA's preconditioner reads the frozen A); frozen
         # leaves get constant zero gradients, nothing computes them, and their updates are dropped.
-        full_grads = base.join(grads, jax.tree.map(jnp.zeros_like, frozen))
+        full_grads = base.join(adapter, grads, jax.tree.map(jnp.zeros_like, frozen))
         updates, opt_state = optimizer.update(full_grads, opt_state, adapter_params)
         trainable = optax.apply_updates(trainable, base.split(adapter, updates)[0] if frozen else updates)
-        adapter_params = base.join(trainable, frozen)
+        adapter_params = base.join(adapter, trainable, frozen)
         metrics = {"loss": loss, "objective": total, "penalty": reg, "grad_norm": optax.tree.norm(grads)}
         if has_aux:
             metrics["aux"] = aux

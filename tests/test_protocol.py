@@ -108,13 +108,15 @@ def test_split_and_join_partition_by_declared_trainability():
     trainable, frozen = lrj.split(adapter, lp)
     assert jax.tree.map(jnp.shape, trainable) == {"params": {"kernel": {"b": (2, 5)}}}
     assert jax.tree.map(jnp.shape, frozen) == {"params": {"kernel": {"a": (6, 2)}}}
-    joined = lrj.join(trainable, frozen)
+    joined = lrj.join(adapter, trainable, frozen)
     np.testing.assert_array_equal(joined["params"]["kernel"]["a"], lp["params"]["kernel"]["a"])
     np.testing.assert_array_equal(joined["params"]["kernel"]["b"], lp["params"]["kernel"]["b"])
     # an unfrozen adapter has nothing frozen
     assert lrj.split(lrj.lora(rank=2), lp)[1] == {}
-    with pytest.raises(ValueError, match=r"is in both the trainable and the frozen tree"):
-        lrj.join(trainable, trainable)
+    with pytest.raises(ValueError, match=r"leaves \['b'\] at 'params/kernel' are in the frozen tree, but the adapter declares them trainable"):
+        lrj.join(adapter, trainable, trainable)
+    with pytest.raises(ValueError, match=r"leaves \['a'\] at 'params/kernel' are in the trainable tree, but the adapter declares them frozen"):
+        lrj.join(adapter, frozen, frozen)
     with pytest.raises(ValueError, match=r"cannot freeze \['c'\]: adapter 'lora' has leaves \['a', 'b'\]"):
         lrj.freeze(lrj.lora(), {"c"})
 

@@ -256,8 +256,19 @@ def split(adapter: Adapter, adapter_params) -> tuple[dict, dict]:
     return tree_lib.nest(trainable_out), tree_lib.nest(frozen_out)
 
 
-def join(trainable, frozen):
-    """The whole adapter tree from :func:`split`'s two parts (raises if a leaf is in both)."""
+def join(adapter: Adapter, trainable, frozen):
+    """The whole adapter tree from :func:`split`'s two parts.
+
+    Raises ``ValueError`` naming the leaf when one is in both parts, or in the part its
+    declared role does not belong to (a tree split for another adapter).
+    """
+    frozen_leaves = frozen_names(adapter)
+    for part, tree, want_frozen in (("trainable", trainable, False), ("frozen", frozen, True)):
+        for keys, leaves in tree_lib.adapter_paths(tree or {}, adapter.leaf_names):
+            wrong = sorted(n for n in leaves if (n in frozen_leaves) != want_frozen)
+            if wrong:
+                raise ValueError(f"leaves {wrong} at {tree_lib.path_str(keys)!r} are in the {part} tree, but the adapter "
+                                 f"declares them {'trainable' if want_frozen else 'frozen'}")
 
     def merge(x, y, keys):
         if not isinstance(x, Mapping) or not isinstance(y, Mapping):
