@@ -98,7 +98,10 @@ def check_finite(x, name: str = "x"):
     arr = jnp.asarray(x)
     if not jnp.issubdtype(arr.dtype, jnp.inexact):
         return x
-    nan, inf = int(jnp.sum(jnp.isnan(arr))), int(jnp.sum(jnp.isinf(arr)))
+    counts = jnp.stack([jnp.sum(jnp.isnan(arr)), jnp.sum(jnp.isinf(arr))])
+    if isinstance(counts, jax.core.Tracer):  # a concrete array closed over by a trace: its counts are traced too
+        return x
+    nan, inf = (int(c) for c in counts)
     if nan or inf:
         raise ValueError(f"`{name}` has {nan} NaN and {inf} Inf entries (of {arr.size})")
     return x

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import lowrank_jax as lrj
 from lowrank_jax import linalg
 from lowrank_jax.optim import _linalg as optim_linalg
 
@@ -623,3 +624,13 @@ def test_several_stacked_qrs_in_one_program_do_not_deadlock():
     ''')
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "done" in out.stdout, out.stderr[-2000:]
+
+
+def test_check_finite_skips_a_closed_over_array_inside_a_trace():
+    params = {"kernel": jax.random.normal(jax.random.key(0), (6, 4))}
+    adapter = lrj.lora(rank=2, targets="kernel", init="pissa")
+    traced = jax.jit(lambda k: adapter.init(k, params))(jax.random.key(1))  # raised ConcretizationTypeError
+    eager = adapter.init(jax.random.key(1), params)
+    np.testing.assert_allclose(traced["kernel"]["b"], eager["kernel"]["b"], atol=1e-5)
+    with pytest.raises(ValueError, match=r"has 1 NaN and 0 Inf entries"):
+        lrj.linalg.check_finite(params["kernel"].at[0, 0].set(jnp.nan), "w")
