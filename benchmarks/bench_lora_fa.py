@@ -118,7 +118,8 @@ def variants(cfg: Config, x, families=("linen", "linen-scan")) -> list[Variant]:
         ]
         for name, adapter, opt, make, baseline, n in specs:
             twin = make(unrolled, adapter, opt) if unrolled is not None else None
-            out.append(Variant(family, name, make(model, adapter, opt), (lp, opt.init(lp), variables, x, rng),
+            state = opt.init(lrj.split(adapter, lp)[0])  # optimizer state for the trainable leaves only
+            out.append(Variant(family, name, make(model, adapter, opt), (lp, state, variables, x, rng),
                                baseline=baseline, trainable_params=n, unrolled_step=twin))
     return out
 

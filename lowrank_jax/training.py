@@ -29,10 +29,10 @@ def make_train_step(
     ``(loss, aux)`` with ``has_aux``). The base ``params`` enter as constants, and so
     does the adapter's frozen state when ``adapter`` is given (``lrj.split`` by the
     leaves' declared roles, e.g. after ``lrj.freeze(adapter, {"a"})``): no gradient of a
-    frozen weight is ever computed. The optimizer still sees the whole adapter tree, with
-    zero gradients on frozen leaves, whose updates are dropped; to keep no optimizer
-    state for them, wrap it in ``optax.masked(optimizer, mask)`` with ``mask`` True on the
-    trainable leaves. With ``penalty = lambda > 0``
+    frozen weight is ever computed. The optimizer sees the trainable part only (make its
+    state with ``optimizer.init(lrj.split(adapter, adapter_params)[0])``); transforms that
+    need the frozen state, like LoRA-FA's preconditioner, receive it as optax's extra
+    argument ``frozen=``. With ``penalty = lambda > 0``
     the objective is
 
     .. math:: L + \lambda \sum_{\text{targets}} \| s A B \|_F^2
@@ -49,28 +49,40 @@ def make_train_step(
         raise ValueError("`penalty` > 0 needs the `adapter` whose penalty to add")
 
     def objective(trainable, frozen, params, batch, rng):
-        adapter_params = base.join(adapter, trainable, frozen)
+        adapter_params = base.join(adapter, trainable, frozen) if frozen else trainable
         out = loss_fn(adapter_params, params, batch, rng)
         loss, aux = out if has_aux else (out, None)
         reg = adapter.penalty(params, adapter_params) if penalty > 0 else jnp.zeros((), jnp.float32)
         return loss + penalty * reg, (loss, reg, aux)
 
+    transform = optax.with_extra_args_support(optimizer)
+
     def step(adapter_params, opt_state, params, batch, rng):
         has_frozen = adapter is not None and bool(base.frozen_names(adapter))
         trainable, frozen = base.split(adapter, adapter_params) if has_frozen else (adapter_params, {})
+        if has_frozen:
+            _check_state(opt_state, trainable)
         (total, (loss, reg, aux)), grads = jax.value_and_grad(objective, has_aux=True)(
             trainable, frozen, params, batch, rng
         )
-        # The optimizer sees the whole tree (LoRA-FA's preconditioner reads the frozen A); frozen
-        # leaves get constant zero gradients, nothing computes them, and their updates are dropped.
-        full_grads = base.join(adapter, grads, jax.tree.map(jnp.zeros_like, frozen))
-        updates, opt_state = optimizer.update(full_grads, opt_state, adapter_params)
-        trainable = optax.apply_updates(trainable, base.split(adapter, updates)[0] if frozen else updates)
-        adapter_params = base.join(adapter, trainable, frozen)
+        # Optimizers that read frozen state (LoRA-FA's preconditioner reads the frozen A) get it as optax's
+        # extra argument `frozen`; the others ignore it. Optimizer state exists for the trainable leaves only.
+        extra = {"frozen": frozen} if frozen else {}
+        updates, opt_state = transform.update(grads, opt_state, trainable, **extra)
+        trainable = optax.apply_updates(trainable, updates)
+        adapter_params = base.join(adapter, trainable, frozen) if has_frozen else trainable
         metrics = {"loss": loss, "objective": total, "penalty": reg, "grad_norm": optax.tree.norm(grads)}
         if has_aux:
             metrics["aux"] = aux
         return adapter_params, opt_state, metrics
+
+    def _check_state(opt_state, trainable):
+        want = jax.tree.structure(jax.eval_shape(optimizer.init, trainable))
+        if jax.tree.structure(opt_state) != want:
+            raise ValueError(
+                "`opt_state` does not match the adapter's trainable leaves: with frozen leaves make it with "
+                "`optimizer.init(lrj.split(adapter, adapter_params)[0])`, so no optimizer state is kept for frozen ones"
+            )
 
     return step
 

@@ -237,6 +237,35 @@ def nest(items: Mapping[tuple[Any, ...], Any]) -> dict:
     return root
 
 
+def merge_trees(x, y, keys: tuple = ()):
+    """The union of two nested dicts of leaves (``x``'s order first); raises on a leaf in both."""
+    if not x:
+        return y
+    if not y:
+        return x
+    if not isinstance(x, Mapping) or not isinstance(y, Mapping):
+        raise ValueError(f"{path_str(keys)!r} is a leaf of both trees")
+    out = dict(x)
+    for k, v in y.items():
+        out[k] = merge_trees(out[k], v, keys + (k,)) if k in out else v
+    return out
+
+
+def without(x, y):
+    """``x`` without the leaves at ``y``'s paths (the inverse of :func:`merge_trees`)."""
+    if not isinstance(y, Mapping) or not y:
+        return x
+    out = {}
+    for k, v in x.items():
+        if k not in y:
+            out[k] = v
+        elif isinstance(v, Mapping) and isinstance(y[k], Mapping):
+            rest = without(v, y[k])
+            if rest:
+                out[k] = rest
+    return out
+
+
 def get_path(tree, keys: Sequence[Any]):
     node = tree
     for k in keys:

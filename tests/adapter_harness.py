@@ -403,7 +403,7 @@ def check_split(case: Case):
 
     def grads_and_step(lp):
         grads = jax.grad(lambda t: loss(s, lrj.join(s.adapter, t, frozen)))(lrj.split(s.adapter, lp)[0])
-        return grads, step(lp, opt.init(lp), s.params, s.x, None)[0]
+        return grads, step(lp, opt.init(lrj.split(s.adapter, lp)[0]), s.params, s.x, None)[0]  # state: trainable only
 
     grads, new = jax.jit(grads_and_step)(s.lp)  # one compile for both
     assert jax.tree.structure(grads) == jax.tree.structure(trainable)

@@ -139,8 +139,9 @@ def test_frozen_leaves_get_no_gradient_computed_and_no_update():
     for name, adapter in (("lora", lora), ("lora_fa", frozen_a)):
         opt = optax.adamw(1e-2, weight_decay=0.1)
         step = lrj.make_train_step(loss_fn(adapter), opt, adapter=adapter)
-        steps[name] = _count_dots(step, lp, opt.init(lp), variables, x, None)
-        new, _, metrics = jax.jit(step)(lp, opt.init(lp), variables, x, None)
+        state = opt.init(lrj.split(adapter, lp)[0])
+        steps[name] = _count_dots(step, lp, state, variables, x, None)
+        new, _, metrics = jax.jit(step)(lp, state, variables, x, None)
         a_new, b_new = new["params"]["kernel"]["a"], new["params"]["kernel"]["b"]
         if name == "lora_fa":
             np.testing.assert_array_equal(a_new, lp["params"]["kernel"]["a"])  # weight decay did not touch it
@@ -149,6 +150,43 @@ def test_frozen_leaves_get_no_gradient_computed_and_no_update():
         assert float(jnp.max(jnp.abs(b_new - lp["params"]["kernel"]["b"]))) > 1e-3
     # forward x W, x a, (x a) b and backward db = (x a)^T dy; LoRA also d(xa) = dy b^T and da = x^T d(xa)
     assert (steps["lora"], steps["lora_fa"]) == (6, 4)
+
+
+def test_lora_fa_optimizer_on_frozen_a_equals_the_zeroed_update_route():
+    """lrj.optim.lora_fa reads the frozen A from optax's extra argument: same b as with A in the tree."""
+    model, x, variables = _dense_model()
+    lora = lrj.lora(rank=2)
+    frozen_a = lrj.freeze(lora, {"a"})
+    lp = jax.tree.map(lambda v: v + 0.3, lora.init(jax.random.key(1), variables))
+
+    def loss_fn(adapter):
+        return lambda ap, params, batch, rng: jnp.sum(lrj.linen.apply(model, adapter, params, ap, batch) ** 2)
+
+    out = {}
+    for name, adapter in (("whole", lora), ("frozen", frozen_a)):
+        opt = lrj.optim.lora_fa(1e-2, adapter, weight_decay=0.01)
+        state = opt.init(lrj.split(adapter, lp)[0])
+        step = jax.jit(lrj.make_train_step(loss_fn(adapter), opt, adapter=adapter))
+        new = lp
+        for _ in range(3):
+            new, state, _ = step(new, state, variables, x, None)
+        out[name] = new
+        if name == "frozen":  # no Adam moments exist for a
+            assert all(leaf.shape != (6, 2) for leaf in jax.tree.leaves(state)), jax.tree.map(jnp.shape, state)
+    np.testing.assert_allclose(out["frozen"]["params"]["kernel"]["b"], out["whole"]["params"]["kernel"]["b"], atol=1e-6)
+    np.testing.assert_array_equal(out["frozen"]["params"]["kernel"]["a"], lp["params"]["kernel"]["a"])
+    assert float(jnp.max(jnp.abs(out["frozen"]["params"]["kernel"]["b"] - lp["params"]["kernel"]["b"]))) > 1e-3
+
+
+def test_train_step_refuses_optimizer_state_made_for_the_whole_tree():
+    model, x, variables = _dense_model()
+    adapter = lrj.freeze(lrj.lora(rank=2), {"a"})
+    lp = adapter.init(jax.random.key(1), variables)
+    import optax
+    opt = optax.adam(1e-3)
+    step = lrj.make_train_step(lambda ap, p, b, r: jnp.sum(lrj.linen.apply(model, adapter, p, ap, b)), opt, adapter=adapter)
+    with pytest.raises(ValueError, match=r"optimizer.init\(lrj.split\(adapter, adapter_params\)\[0\]\)"):
+        step(lp, opt.init(lp), variables, x, None)
 
 
 def test_trainable_summary_counts_only_trainable_leaves():

@@ -270,19 +270,7 @@ def join(adapter: Adapter, trainable, frozen):
                 raise ValueError(f"leaves {wrong} at {tree_lib.path_str(keys)!r} are in the {part} tree, but the adapter "
                                  f"declares them {'trainable' if want_frozen else 'frozen'}")
 
-    def merge(x, y, keys):
-        if not isinstance(x, Mapping) or not isinstance(y, Mapping):
-            raise ValueError(f"adapter leaf {tree_lib.path_str(keys)!r} is in both the trainable and the frozen tree")
-        out = dict(x)
-        for k, v in y.items():
-            out[k] = merge(out[k], v, keys + (k,)) if k in out else v
-        return out
-
-    if not frozen:
-        return trainable
-    if not trainable:
-        return frozen
-    return merge(trainable, frozen, ())
+    return tree_lib.merge_trees(trainable, frozen)
 
 
 def low_rank(site: Site, x, a, b, scale: float):

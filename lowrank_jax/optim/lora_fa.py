@@ -77,7 +77,9 @@ def scale_by_lora_fa(scale: Any, *, delta: float = 1e-8, layouts: Any = None) ->
     _common.check_nonnegative("delta", delta)
 
     def init_fn(params):
-        if not _common.lora_pair_paths(params, adapter=adapter):
+        # params may be the trainable part alone (A frozen by lrj.freeze): its B factors suffice
+        has_b = any(tree_lib._key_name(kp[-1]) == b_name for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+        if not (_common.lora_pair_paths(params, adapter=adapter) or has_b):
             raise _common.no_factors_error("LoRA-FA", adapter)
         return optax.EmptyState()
 
@@ -91,11 +93,16 @@ def scale_by_lora_fa(scale: Any, *, delta: float = 1e-8, layouts: Any = None) ->
         new_b = _common.reshard_like(new_b.reshape(gb.shape).astype(gb.dtype), gb)
         return {a_name: jnp.zeros_like(g[a_name]), b_name: new_b}
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, *, frozen=None, **extra_args):
+        del extra_args
+        if frozen:  # A frozen (lrj.freeze + lrj.make_train_step): its factors arrive as optax's extra argument
+            full = tree_lib.merge_trees(updates, jax.tree.map(jnp.zeros_like, frozen))
+            new, _ = _common.map_lora_pairs(precondition, full, tree_lib.merge_trees(params, frozen), adapter=adapter)
+            return tree_lib.without(new, frozen), state
         new, _ = _common.map_lora_pairs(precondition, updates, params, adapter=adapter)
         return new, state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def lora_fa_labels(params, adapter=None) -> Any:
@@ -139,9 +146,13 @@ def lora_fa(
     scale_by_learning_rate(lr))}), add_decayed_weights_after_step(weight_decay, lr, mask))``
     with the decay masked off the frozen factors (see :func:`lrj.optim.adamw_hf`).
 
-    A is frozen, so its gradient is never used: compute the loss with
-    ``jax.lax.stop_gradient`` on ``a`` (or differentiate only the ``b`` leaves) to
-    skip computing it.
+    A is frozen, so its gradient is never used: make the adapter with
+    ``lrj.freeze(adapter, {"a"})`` and the step with ``lrj.make_train_step(..., adapter=...)``,
+    which computes no gradient of ``a`` (0.991x LoRA's FLOPs, 0.724x its temp memory in
+    ``benchmarks/bench_lora_fa.py``) and passes the frozen ``a`` to this optimizer as optax's
+    extra argument ``frozen=`` (initialise it on the trainable part,
+    ``tx.init(lrj.split(adapter, adapter_params)[0])``). Given the whole tree instead, ``a``'s
+    update is zero.
 
     Args:
       learning_rate: ``eta`` (number or schedule).
