@@ -125,14 +125,20 @@ def _count_dots(fn, *args):
     return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
 
 
-def test_frozen_leaves_get_no_gradient_computed_and_no_update():
+def _lora_and_frozen_a():
+    """``(x, variables, lora, freeze(lora, {"a"}), perturbed adapter tree, adapter -> loss_fn)`` on a Dense."""
     model, x, variables = _dense_model()
     lora = lrj.lora(rank=2)
-    frozen_a = lrj.freeze(lora, {"a"})
     lp = jax.tree.map(lambda v: v + 0.3, lora.init(jax.random.key(1), variables))
 
     def loss_fn(adapter):
         return lambda ap, params, batch, rng: jnp.sum(lrj.linen.apply(model, adapter, params, ap, batch) ** 2)
+
+    return x, variables, lora, lrj.freeze(lora, {"a"}), lp, loss_fn
+
+
+def test_frozen_leaves_get_no_gradient_computed_and_no_update():
+    x, variables, lora, frozen_a, lp, loss_fn = _lora_and_frozen_a()
 
     import optax
     steps = {}
@@ -154,13 +160,7 @@ def test_frozen_leaves_get_no_gradient_computed_and_no_update():
 
 def test_lora_fa_optimizer_on_frozen_a_equals_the_zeroed_update_route():
     """lrj.optim.lora_fa reads the frozen A from optax's extra argument: same b as with A in the tree."""
-    model, x, variables = _dense_model()
-    lora = lrj.lora(rank=2)
-    frozen_a = lrj.freeze(lora, {"a"})
-    lp = jax.tree.map(lambda v: v + 0.3, lora.init(jax.random.key(1), variables))
-
-    def loss_fn(adapter):
-        return lambda ap, params, batch, rng: jnp.sum(lrj.linen.apply(model, adapter, params, ap, batch) ** 2)
+    x, variables, lora, frozen_a, lp, loss_fn = _lora_and_frozen_a()
 
     out = {}
     for name, adapter in (("whole", lora), ("frozen", frozen_a)):
