@@ -10,7 +10,9 @@ and ``attend``) that finds adapter leaves next to its kernel has its output pass
 through ``adapter.apply``, which adds the low-rank term in factored form
 (``x W + s (x A) B``). The model's code is not touched and the dense update
 ``s A B`` is never formed, so no full-size weight gradient exists in the
-backward pass.
+backward pass. Any other module that owns a target (a custom ``x @ self.param(...)``
+layer) is traced to a jaxpr and adapted at each ``dot_general`` consuming its kernel
+(:mod:`lrj.contractions`), or refused naming the target: every target runs or raises.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lowrank_jax import sites
+from lowrank_jax import contractions, sites
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import base
 
@@ -101,12 +103,52 @@ def _with_collection(variables, adapter_params):
     return {"params": variables}, adapter_params, True
 
 
+def _own_targets(module) -> list[str]:
+    """Names of the module's own params (not its children's) that carry injected adapter leaves."""
+    if not module.has_variable("params", "") and not module.variables.get("params"):
+        return []
+    return [k.removesuffix(SUFFIX) for k in module.variables.get("params", {}) if k.endswith(SUFFIX)]
+
+
+def _adapt_unknown_layer(module, method_name: str, args, kwargs, own: list[str], adapter, executed, strip: str):
+    """A layer the bridge does not know that owns a target: adapted at the contraction consuming its
+    kernel (:mod:`lrj.contractions`), or refused naming the target."""
+    path = "/".join(("params", *module.scope.path, own[0]))
+    if len(own) > 1:
+        raise NotImplementedError(
+            f"{type(module).__name__} at {'/'.join(module.scope.path)!r} owns several adapter targets {own}; the "
+            f"bridge adapts one kernel per layer it does not know: target them in separate layers, or only one")
+    name = own[0]
+    kernel = nn.meta.unbox(module.get_variable("params", name))
+    if tree_lib.is_quantized(kernel):
+        kernel = kernel.dequantize(getattr(module, "dtype", None) or kernel.dtype)
+    injected = dict(module.get_variable("params", name + SUFFIX))
+    leaves = {k: v for k, v in injected.items() if k != "dropout_key"}
+    variables = {col: {k: v for k, v in tree.items() if not k.endswith(SUFFIX)} for col, tree in module.variables.items()}
+
+    def call(k, *a, **kw):
+        with_kernel = {**variables, "params": {**variables["params"], name: k}}
+        return module.clone(parent=None).apply(with_kernel, *a, method=method_name, **kw)
+
+    def adapted(site, x, y):
+        return adapter.apply(leaves, site, x, y, path=path.removeprefix(strip) if strip else path,
+                             dropout_key=injected.get("dropout_key"))
+
+    out, contracted = contractions.adapt_contractions(call, kernel, args, kwargs, adapted, path)
+    if contracted and executed is not None:
+        executed.add(path)
+    return out
+
+
 def _interceptor(adapter: base.Adapter | None, executed: set | None = None, strip: str = ""):
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         kind = _kind(module, context.method_name)
         if kind is None:
-            return next_fun(*args, **kwargs)
+            own = _own_targets(module) if adapter is not None and context.method_name != "setup" else []
+            if not own:
+                return next_fun(*args, **kwargs)
+            return _adapt_unknown_layer(module, context.method_name, args, kwargs, own, adapter, executed, strip)
         name = _param_name(module)
         if not module.has_variable("params", name):  # module.init: nothing to adapt yet
             return next_fun(*args, **kwargs)
@@ -194,9 +236,10 @@ def apply(model: nn.Module, adapter: base.Adapter, variables, adapter_params, *a
       dropout_rng: key for dropout on the adapter branch; ``None`` disables it (eval).
 
     Raises:
-      ValueError: naming every target that no supported layer call executed (a custom layer
-        contracting with a targeted kernel, or a layer this call does not use): such a target
-        would otherwise silently get zero gradients.
+      ValueError: naming every target the call did not execute (a layer this call does not
+        use): such a target would otherwise silently get zero gradients.
+      NotImplementedError: naming a target that a layer the bridge does not know uses other
+        than by contracting it (see :mod:`lrj.contractions`).
     """
     variables, adapter_params, bare = _with_collection(variables, adapter_params)
     injected = inject(adapter, variables, adapter_params, dropout_rng=dropout_rng)
@@ -211,9 +254,8 @@ def apply(model: nn.Module, adapter: base.Adapter, variables, adapter_params, *a
         # from the factored output: refuse instead of a silent no-op.
         raise ValueError(
             f"adapter targets were not executed by this call: {missed[:8]}{' ...' if len(missed) > 8 else ''}. "
-            f"The bridge adapts nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv and nn.Embed calls; a target read by "
-            f"another layer (for example `x @ self.param('kernel', ...)` in a custom module) or not used by "
-            f"this `method=` is not adapted. Narrow `targets`, or use a supported layer."
+            f"A target whose layer this `method=` does not call, or whose kernel the layer never contracts, gets "
+            f"no gradient; narrow `targets`."
         )
     return out
 

@@ -8,7 +8,9 @@ gets its adapter leaves as :class:`AdapterParam` variables next to its kernel
 and ``nnx.remat`` recomputes them) and its class is swapped for a subclass whose
 ``__call__`` (and ``attend``) adds the adapter's factored term after the
 original computation. The subclass is recorded in the graph definition, so the
-swap survives the graph round trips that NNX transforms make.
+swap survives the graph round trips that NNX transforms make. A module of any other
+class that owns a target (a custom ``x @ self.kernel[...]`` layer) is adapted at each
+contraction of its kernel (:mod:`lrj.contractions`) or refused naming the target.
 
 Params for ``adapter.init`` are the model's ``nnx.Param`` state, e.g.
 ``adapter.init(key, nnx.state(model, nnx.Param))``; paths look like
@@ -26,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx as fnnx
 
-from lowrank_jax import sites
+from lowrank_jax import contractions, sites
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import base
 
@@ -114,6 +116,38 @@ def _run(module, kind: str, original, args, kwargs):
     return y if out_perm is None else jnp.transpose(y, out_perm)
 
 
+def _is_known(cls: type) -> bool:
+    return issubclass(cls, (fnnx.Embed, fnnx.Linear, fnnx.LinearGeneral, fnnx.Einsum, fnnx.Conv))
+
+
+def _run_unknown(module, original, args, kwargs):
+    """A custom layer's call with its targeted kernel's contractions adapted (:mod:`lrj.contractions`)."""
+    path, name = module._lrj_path, module._lrj_param
+    active = _ACTIVE.get().get(module._lrj_token)
+    if active is None:
+        raise RuntimeError(f"adapted layer {path!r} was called outside lrj.nnx.apply")
+    adapter, executed = active
+    kernel = getattr(module, name).get_value()
+    if tree_lib.is_quantized(kernel):
+        kernel = kernel.dequantize(getattr(module, "dtype", None) or kernel.dtype)
+    leaves = {n: getattr(module, PREFIX + n)[...] for n in module._lrj_leaves}
+    key_var = getattr(module, PREFIX + "dropout_key", None)
+    graphdef, state = fnnx.split(module)
+
+    def call(k, *a, **kw):  # a copy made inside the trace, so its kernel can hold the traced k
+        copy = fnnx.merge(graphdef, state, copy=True)
+        getattr(copy, name).set_value(k)
+        return original(copy, *a, **kw)
+
+    def adapted(site, x, y):
+        return adapter.apply(leaves, site, x, y, path=path, dropout_key=None if key_var is None else key_var[...])
+
+    out, contracted = contractions.adapt_contractions(call, kernel, args, kwargs, adapted, path)
+    if contracted:
+        executed.add(path)
+    return out
+
+
 def _adapted_class(cls: type) -> type:
     if cls in _CLASSES.values():
         return cls
@@ -122,9 +156,11 @@ def _adapted_class(cls: type) -> type:
         if issubclass(cls, fnnx.Embed):
             namespace["__call__"] = lambda self, *a, **k: _run(self, "lookup", cls.__call__, a, k)
             namespace["attend"] = lambda self, *a, **k: _run(self, "attend", cls.attend, a, k)
-        else:
+        elif _is_known(cls):
             kind = "conv" if issubclass(cls, fnnx.Conv) else "linear"
             namespace["__call__"] = lambda self, *a, **k: _run(self, kind, cls.__call__, a, k)
+        else:  # a layer the bridge does not know: adapted at the contraction consuming its kernel
+            namespace["__call__"] = lambda self, *a, **k: _run_unknown(self, cls.__call__, a, k)
         _CLASSES[cls] = type(f"Adapted{cls.__name__}", (cls,), namespace)
     return _CLASSES[cls]
 
@@ -162,11 +198,18 @@ def adapted_copy(model, adapter: base.Adapter | None, adapter_params, *, dropout
     targets = base.resolve_targets(adapter_params, params(clone), adapter.leaf_names)
     for i, (keys, path, kernel, leaves) in enumerate(targets):
         module = modules.get(tuple(keys[:-1]))
-        if module is None or _kernel_name(module) != keys[-1]:
+        known = module is not None and _is_known(type(module))
+        if module is None or (known and _kernel_name(module) != keys[-1]):
             raise ValueError(
                 f"adapter target {path!r} is not the kernel of an nnx.Linear/LinearGeneral/Einsum/Conv/Embed "
                 f"(found {type(module).__name__})"
             )
+        if not known:
+            if getattr(module, "_lrj_param", keys[-1]) != keys[-1]:
+                raise NotImplementedError(
+                    f"{type(module).__name__} owns several adapter targets ({module._lrj_path!r}, {path!r}); the bridge "
+                    f"adapts one kernel per layer it does not know")
+            module._lrj_param = keys[-1]
         module.__class__ = _adapted_class(type(module))
         module._lrj_adapted, module._lrj_token, module._lrj_path = True, token, path
         module._lrj_leaves = tuple(sorted(leaves))

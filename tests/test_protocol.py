@@ -26,19 +26,99 @@ class TwoLayers(nn.Module):
         return CustomMatmul(name="custom")(nn.Dense(6, name="dense")(x))
 
 
-def test_custom_contraction_layer_is_refused_with_its_path():
+def test_custom_contraction_layer_is_adapted_at_its_contraction():
+    """`x @ self.param("kernel")` in a layer the bridge does not know: adapted where the kernel is contracted
+    (also through a jitted jnp.matmul and an einsum), with the merged model's output and gradients."""
     model = TwoLayers()
-    x = jnp.ones((2, 4))
+    x = jax.random.normal(jax.random.key(5), (2, 4))
     variables = model.init(jax.random.key(0), x)
     adapter = lrj.lora(rank=2, targets=r".*/kernel")
-    lp = adapter.init(jax.random.key(1), variables)
-    with pytest.raises(ValueError, match=r"not executed by this call: \['params/custom/kernel'\]"):
-        lrj.linen.apply(model, adapter, variables, lp, x)
-    # the same model with the custom layer left out of the targets runs, and equals its merge
-    adapter = lrj.lora(rank=2, targets=r".*/dense/kernel")
-    lp = adapter.init(jax.random.key(1), variables)
-    lp = jax.tree.map(lambda v: v + 0.1, lp)
+    lp = jax.tree.map(lambda v: v + 0.1, adapter.init(jax.random.key(1), variables))
     out = lrj.linen.apply(model, adapter, variables, lp, x)
+    np.testing.assert_allclose(out, model.apply(adapter.merge(variables, lp), x), atol=1e-5)
+    assert float(jnp.max(jnp.abs(out - model.apply(variables, x)))) > 1e-2
+
+    def factored(lp):
+        return jnp.sum(jnp.sin(lrj.linen.apply(model, adapter, variables, lp, x)))
+
+    def merged(lp):
+        return jnp.sum(jnp.sin(model.apply(adapter.merge(variables, lp), x)))
+
+    g, g_ref = jax.jit(jax.grad(factored))(lp), jax.grad(merged)(lp)
+    for leaf, ref in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(leaf, ref, atol=1e-5)
+        assert float(jnp.max(jnp.abs(leaf))) > 1e-3
+
+
+class TwiceContracted(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(), (x.shape[-1], 3))
+        return jax.jit(jnp.matmul)(x, kernel) + jnp.einsum("bi,io->bo", x, kernel.astype(jnp.bfloat16)).astype(x.dtype)
+
+
+class Gathered(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        table = self.param("kernel", nn.initializers.normal(), (10, 3))
+        return jnp.take(table, ids, axis=0)
+
+
+class Transposed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(), (3, x.shape[-1]))
+        return x @ kernel.T
+
+
+def test_every_contraction_of_a_custom_kernel_is_adapted():
+    model, x = TwiceContracted(), jax.random.normal(jax.random.key(5), (2, 4))
+    variables = model.init(jax.random.key(0), x)
+    adapter = lrj.lora(rank=2, targets=r".*kernel")
+    lp = jax.tree.map(lambda v: v + 0.1, adapter.init(jax.random.key(1), variables))
+    np.testing.assert_allclose(lrj.linen.apply(model, adapter, variables, lp, x),
+                               model.apply(adapter.merge(variables, lp), x), atol=2e-2)  # bfloat16 einsum
+
+
+@pytest.mark.parametrize("layer,x,used_by", [
+    (Gathered, jnp.array([1, 2]), "`gather`"),
+    (Transposed, jnp.ones((2, 4)), "`transpose`"),
+])
+def test_custom_kernel_used_otherwise_is_refused_with_its_path(layer, x, used_by):
+    model = layer()
+    variables = model.init(jax.random.key(0), x)
+    adapter = lrj.lora(rank=2, targets=r".*kernel", layouts={"params/kernel": lrj.Layout(0, 1)})
+    lp = adapter.init(jax.random.key(1), variables)
+    with pytest.raises(NotImplementedError, match=rf"adapter target 'params/kernel' is used by {used_by}"):
+        lrj.linen.apply(model, adapter, variables, lp, x)
+
+
+class ScannedCustom(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        block = nn.scan(nn.remat(ScanBody), variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        return block(name="layers")(x, None)[0]
+
+
+class ScanBody(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return jnp.tanh(CustomMatmulSquare(name="custom")(x)), None
+
+
+class CustomMatmulSquare(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x @ self.param("kernel", nn.initializers.normal(0.5), (x.shape[-1], x.shape[-1]))
+
+
+def test_custom_layer_under_scan_and_remat_is_adapted_per_layer():
+    model, x = ScannedCustom(), jax.random.normal(jax.random.key(5), (2, 4))
+    variables = model.init(jax.random.key(0), x)
+    adapter = lrj.lora(rank=2, targets=r".*kernel", layouts={"params/layers/custom/kernel": lrj.Layout(1, 1)})
+    lp = jax.tree.map(lambda v: v + 0.1, adapter.init(jax.random.key(1), variables))
+    assert lp["params"]["layers"]["custom"]["kernel"]["a"].shape == (3, 4, 2)
+    out = jax.jit(lambda lp: lrj.linen.apply(model, adapter, variables, lp, x))(lp)
     np.testing.assert_allclose(out, model.apply(adapter.merge(variables, lp), x), atol=1e-5)
 
 
@@ -353,3 +433,33 @@ def test_combined_adapter_splits_and_runs_in_nnx():
     nnx.update(merged_model, merged)
     np.testing.assert_allclose(out, merged_model(x), atol=1e-5)
     np.testing.assert_allclose(model.norm.scale[...], np.ones(6))  # the user's model is untouched
+
+
+def test_nnx_custom_layer_is_adapted_at_its_contraction():
+    from flax import nnx
+
+    class Custom(nnx.Module):
+        def __init__(self, rngs):
+            self.kernel = nnx.Param(jax.random.normal(rngs.params(), (4, 3)))
+
+        def __call__(self, x):
+            return x @ self.kernel[...]
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(5, 4, rngs=rngs)
+            self.custom = Custom(rngs)
+
+        def __call__(self, x):
+            return self.custom(jnp.tanh(self.lin(x)))
+
+    model, x = Net(nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (2, 5))
+    adapter = lrj.lora(rank=2)
+    lp = jax.tree.map(lambda v: v + 0.1, adapter.init(jax.random.key(1), lrj.nnx.params(model)))
+    out = jax.jit(lambda lp: lrj.nnx.apply(model, adapter, lp, x))(lp)
+    merged = nnx.clone(model)
+    nnx.update(merged, adapter.merge(lrj.nnx.params(model), lp))
+    np.testing.assert_allclose(out, merged(x), atol=1e-5)
+    assert float(jnp.max(jnp.abs(out - model(x)))) > 1e-2
+    grads = jax.grad(lambda lp: jnp.sum(lrj.nnx.apply(model, adapter, lp, x)))(lp)
+    assert float(jnp.max(jnp.abs(grads["custom"]["kernel"]["a"]))) > 1e-3
