@@ -145,7 +145,9 @@ def _interceptor(adapter: base.Adapter | None, executed: set | None = None, stri
         module = context.module
         kind = _kind(module, context.method_name)
         if kind is None:
-            own = _own_targets(module) if adapter is not None and context.method_name != "setup" else []
+            # a known layer's helper methods (Einsum's bias-shape inference...) are not calls of the layer
+            unknown = adapter is not None and _param_name(module) is None and (context.method_name == "__call__" or not context.method_name.startswith("_"))
+            own = _own_targets(module) if unknown and context.method_name != "setup" else []
             if not own:
                 return next_fun(*args, **kwargs)
             return _adapt_unknown_layer(module, context.method_name, args, kwargs, own, adapter, executed, strip)
