@@ -28,6 +28,7 @@ from lowrank_jax.adapters.lora import init_with_residual as init_with_residual
 from lowrank_jax.adapters.lora import offset_to_plain_lora as offset_to_plain_lora
 from lowrank_jax.adapters.lora import lora as lora
 from lowrank_jax.adapters.lora import lora_scale as lora_scale
+from lowrank_jax.adapters.vera import vera as vera
 from lowrank_jax.sharding import adapter_shardings as adapter_shardings
 from lowrank_jax.training import average_gradient as average_gradient
 from lowrank_jax.training import make_train_step as make_train_step
@@ -69,4 +70,5 @@ __all__ = [
     "quant",
     "split",
     "trainable_summary",
+    "vera",
 ]

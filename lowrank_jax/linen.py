@@ -99,7 +99,10 @@ def _with_collection(variables, adapter_params):
     if not isinstance(variables, Mapping) or "params" in variables:
         return variables, adapter_params, False
     if adapter_params is not None and isinstance(adapter_params, Mapping) and "params" not in adapter_params:
-        adapter_params = {"params": adapter_params}
+        shared = tree_lib.shared_of(adapter_params)
+        adapter_params = {"params": {k: v for k, v in adapter_params.items() if k != tree_lib.SHARED}}
+        if shared:
+            adapter_params[tree_lib.SHARED] = shared  # shared leaves stay at the root
     return {"params": variables}, adapter_params, True
 
 
@@ -110,7 +113,8 @@ def _own_targets(module) -> list[str]:
     return [k.removesuffix(SUFFIX) for k in module.variables.get("params", {}) if k.endswith(SUFFIX)]
 
 
-def _adapt_unknown_layer(module, method_name: str, args, kwargs, own: list[str], adapter, executed, strip: str):
+def _adapt_unknown_layer(module, method_name: str, args, kwargs, own: list[str], adapter, executed, strip: str,
+                         shared: dict):
     """A layer the bridge does not know that owns a target: adapted at the contraction consuming its
     kernel (:mod:`lrj.contractions`), or refused naming the target."""
     path = "/".join(("params", *module.scope.path, own[0]))
@@ -123,7 +127,7 @@ def _adapt_unknown_layer(module, method_name: str, args, kwargs, own: list[str],
     if tree_lib.is_quantized(kernel):
         kernel = kernel.dequantize(getattr(module, "dtype", None) or kernel.dtype)
     injected = dict(module.get_variable("params", name + SUFFIX))
-    leaves = {k: v for k, v in injected.items() if k != "dropout_key"}
+    leaves = {**{k: v for k, v in injected.items() if k != "dropout_key"}, **shared}
     variables = {col: {k: v for k, v in tree.items() if not k.endswith(SUFFIX)} for col, tree in module.variables.items()}
 
     def call(k, *a, **kw):
@@ -140,7 +144,7 @@ def _adapt_unknown_layer(module, method_name: str, args, kwargs, own: list[str],
     return out
 
 
-def _interceptor(adapter: base.Adapter | None, executed: set | None = None, strip: str = ""):
+def _interceptor(adapter: base.Adapter | None, executed: set | None = None, strip: str = "", shared=None):
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         kind = _kind(module, context.method_name)
@@ -150,7 +154,8 @@ def _interceptor(adapter: base.Adapter | None, executed: set | None = None, stri
             own = _own_targets(module) if unknown and context.method_name != "setup" else []
             if not own:
                 return next_fun(*args, **kwargs)
-            return _adapt_unknown_layer(module, context.method_name, args, kwargs, own, adapter, executed, strip)
+            return _adapt_unknown_layer(module, context.method_name, args, kwargs, own, adapter, executed, strip,
+                                        shared or {})
         name = _param_name(module)
         if not module.has_variable("params", name):  # module.init: nothing to adapt yet
             return next_fun(*args, **kwargs)
@@ -168,7 +173,7 @@ def _interceptor(adapter: base.Adapter | None, executed: set | None = None, stri
             return y
         injected = dict(module.get_variable("params", name + SUFFIX))
         x, site, out_perm = _site_input(module, kind, args, kwargs, kernel)
-        leaves = {k: v for k, v in injected.items() if k in adapter.leaf_names}
+        leaves = {**{k: v for k, v in injected.items() if k in adapter.leaf_names}, **(shared or {})}
         path = "/".join(("params", *module.scope.path, name))
         if executed is not None:
             executed.add(path)
@@ -246,7 +251,8 @@ def apply(model: nn.Module, adapter: base.Adapter, variables, adapter_params, *a
     variables, adapter_params, bare = _with_collection(variables, adapter_params)
     injected = inject(adapter, variables, adapter_params, dropout_rng=dropout_rng)
     executed: set[str] = set()
-    with nn.intercept_methods(_interceptor(adapter, executed, strip="params/" if bare else "")):
+    shared = tree_lib.shared_of(adapter_params)
+    with nn.intercept_methods(_interceptor(adapter, executed, strip="params/" if bare else "", shared=shared)):
         out = model.apply(injected, *args, **kwargs)
     site_params, _ = base.substitutions(adapter, adapter_params)
     targets = [path for _, path, _, _ in base.resolve_targets(site_params, variables, adapter.leaf_names)]

@@ -105,9 +105,9 @@ def _run(module, kind: str, original, args, kwargs):
     active = _ACTIVE.get().get(token)
     if active is None:
         raise RuntimeError(f"adapted layer {path!r} was called outside lrj.nnx.apply")
-    adapter, executed = active
+    adapter, executed, shared = active
     executed.add(path)
-    leaves = {n: getattr(module, PREFIX + n)[...] for n in module._lrj_leaves}
+    leaves = {**{n: getattr(module, PREFIX + n)[...] for n in module._lrj_leaves}, **shared}
     key_var = getattr(module, PREFIX + "dropout_key", None)
     x, site, out_perm = _site_input(module, kind, args, kwargs, kernel)
     if out_perm is not None:
@@ -126,11 +126,11 @@ def _run_unknown(module, original, args, kwargs):
     active = _ACTIVE.get().get(module._lrj_token)
     if active is None:
         raise RuntimeError(f"adapted layer {path!r} was called outside lrj.nnx.apply")
-    adapter, executed = active
+    adapter, executed, shared = active
     kernel = getattr(module, name).get_value()
     if tree_lib.is_quantized(kernel):
         kernel = kernel.dequantize(getattr(module, "dtype", None) or kernel.dtype)
-    leaves = {n: getattr(module, PREFIX + n)[...] for n in module._lrj_leaves}
+    leaves = {**{n: getattr(module, PREFIX + n)[...] for n in module._lrj_leaves}, **shared}
     key_var = getattr(module, PREFIX + "dropout_key", None)
     graphdef, state = fnnx.split(module)
 
@@ -166,8 +166,8 @@ def _adapted_class(cls: type) -> type:
 
 
 @contextlib.contextmanager
-def _active(token: int, adapter, executed: set):
-    reset = _ACTIVE.set({**_ACTIVE.get(), token: (adapter, executed)})
+def _active(token: int, adapter, executed: set, shared: dict):
+    reset = _ACTIVE.set({**_ACTIVE.get(), token: (adapter, executed, shared)})
     try:
         yield
     finally:
@@ -232,7 +232,7 @@ def apply(model, adapter: base.Adapter, adapter_params, *args, dropout_rng=None,
     """
     clone, token = adapted_copy(model, adapter, adapter_params, dropout_rng=dropout_rng)
     executed: set[str] = set()
-    with _active(token, adapter, executed):
+    with _active(token, adapter, executed, tree_lib.shared_of(adapter_params)):
         out = getattr(clone, method)(*args, **kwargs)
     site_params, _ = base.substitutions(adapter, adapter_params)
     targets = [path for _, path, _, _ in base.resolve_targets(site_params, params(clone), adapter.leaf_names)]

@@ -83,4 +83,10 @@ def adapter_shardings(params, adapter_params, shardings=None, *, adapter: base.A
                     spec.append(None)
             entry[name] = NamedSharding(sharding.mesh, PartitionSpec(*spec))
         out[keys] = entry
-    return tree_lib.nest(out)
+    result = tree_lib.nest(out)
+    shared = tree_lib.shared_of(adapter_params)
+    if shared:  # one array for every target, adapter-only axes: replicated on the targets' mesh
+        some = next((v for entry in out.values() for v in entry.values()), None)
+        replicated = NamedSharding(some.mesh, PartitionSpec()) if isinstance(some, NamedSharding) else some
+        result[tree_lib.SHARED] = {n: replicated for n in shared}
+    return result

@@ -273,14 +273,28 @@ def get_path(tree, keys: Sequence[Any]):
     return node
 
 
+#: Root key of an adapter tree's shared leaves (one array for every target: VeRA's projections).
+SHARED = "@shared"
+
+
+def shared_of(adapter_params) -> dict:
+    """The adapter tree's shared leaves (``adapter_params[SHARED]``), ``{}`` when it has none."""
+    if isinstance(adapter_params, Mapping) and isinstance(adapter_params.get(SHARED), Mapping):
+        return dict(adapter_params[SHARED])
+    return {}
+
+
 def adapter_paths(adapter_params, leaf_names: frozenset[str]) -> list[tuple[tuple[Any, ...], dict]]:
     """``(target keys, {leaf name: array})`` for every target in an adapter tree.
 
-    A target is a dict whose keys are all adapter leaf names (``a``, ``b``, ...).
+    A target is a dict whose keys are all adapter leaf names (``a``, ``b``, ...); the shared
+    leaves at the root's :data:`SHARED` key belong to no target.
     """
     out = []
 
     def walk(node, keys):
+        if not keys and isinstance(node, Mapping) and SHARED in node:
+            node = {k: v for k, v in node.items() if k != SHARED}
         if isinstance(node, Mapping):
             if node and set(node) <= leaf_names and not any(isinstance(v, Mapping) for v in node.values()):
                 out.append((keys, dict(node)))

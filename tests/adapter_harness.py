@@ -110,7 +110,10 @@ def stack_layers(tree, axis: Callable[[str], int] = lambda leaf_name: 0):
     """The unrolled tree (params or adapter) of ``LinenMLP`` as the scanned model's: ``layers_i`` stacked
     into ``layers``, each leaf along ``axis(leaf name)``."""
     layers = [tree[f"layers_{i}"] for i in range(LAYERS)]
-    return {"layers": jax.tree_util.tree_map_with_path(lambda kp, *xs: jnp.stack(xs, axis(kp[-1].key)), *layers)}
+    out = {"layers": jax.tree_util.tree_map_with_path(lambda kp, *xs: jnp.stack(xs, axis(kp[-1].key)), *layers)}
+    if lrj.tree.SHARED in tree:  # shared adapter leaves (VeRA's projections) are one array for every layer
+        out[lrj.tree.SHARED] = tree[lrj.tree.SHARED]
+    return out
 
 
 def mlp_specs(params):
@@ -232,6 +235,7 @@ CASES = [
         "devices-explicit": "flax's own nn.Conv fails under an Explicit mesh once its kernel is sharded (flax 0.12 "
                             "calls lax.conv_general_dilated without out_sharding): the base model cannot run there"}),
     Case("readme_gated_lora", lambda **kw: readme_factory()(rank=2, **kw)),
+    Case("vera", lambda **kw: lrj.vera(rank=4, **kw)),  # shared frozen projections at the tree's root
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 

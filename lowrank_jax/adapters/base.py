@@ -94,10 +94,15 @@ class Leaf(NamedTuple):
     trainable: ``False`` for frozen adapter state (VeRA's shared projections, LaMDA's
       frozen A, LoRA-FA's A after :func:`lrj.freeze`): :func:`lrj.split` puts it apart,
       and no gradient is computed for it.
+    shared: one array for all targets, stored once at the adapter tree's root under
+      ``lrj.tree.SHARED`` (VeRA's projections); the bridges hand it to every target's
+      ``apply`` next to the target's own leaves (never sliced by ``scan``). Its axes are
+      adapter-only, so it is replicated when sharded.
     """
 
     axes: tuple
     trainable: bool = True
+    shared: bool = False
 
 
 #: The leaves of LoRA (also DoRA's ``a`` and ``b``); see :attr:`Adapter.roles`.
@@ -209,7 +214,10 @@ def substitutions(adapter: Adapter, adapter_params) -> tuple[Any, dict]:
                              f"share its target with other leaves ({sorted(leaves)})")
     if not subs:
         return adapter_params, {}
-    return tree_lib.nest(sites), subs
+    sites = tree_lib.nest(sites)
+    if tree_lib.shared_of(adapter_params):
+        sites[tree_lib.SHARED] = tree_lib.shared_of(adapter_params)
+    return sites, subs
 
 
 def frozen_names(adapter: Adapter) -> frozenset:
@@ -253,7 +261,13 @@ def split(adapter: Adapter, adapter_params) -> tuple[dict, dict]:
             trainable_out[keys] = t
         if f:
             frozen_out[keys] = f
-    return tree_lib.nest(trainable_out), tree_lib.nest(frozen_out)
+    trainable_out, frozen_out = tree_lib.nest(trainable_out), tree_lib.nest(frozen_out)
+    shared = tree_lib.shared_of(adapter_params)
+    for part, want_frozen in ((trainable_out, False), (frozen_out, True)):
+        picked = {n: v for n, v in shared.items() if (n in frozen) == want_frozen}
+        if picked:
+            part[tree_lib.SHARED] = picked
+    return trainable_out, frozen_out
 
 
 def join(adapter: Adapter, trainable, frozen):
@@ -356,6 +370,21 @@ def dense_delta(a, b, layout: tree_lib.Layout, kernel_shape, scale: float):
     b2 = b.astype(jnp.float32).reshape(*stack, r, tree_lib.prod(outs))
     delta = jnp.einsum("...ir,...ro->...io", a2, b2, precision=lax.Precision.HIGHEST)
     return (scale * delta).reshape(kernel_shape)
+
+
+def additive_merge(deltas: Callable) -> tuple[Callable, Callable]:
+    """``(merge, unmerge)`` of a method whose update adds to the kernel: ``W +- delta``.
+
+    ``deltas(params, adapter_params) -> {key path: (kernel, dense fp32 delta)}``; the result is
+    cast back to each kernel's dtype, quantised kernels are dequantised first.
+    """
+
+    def shifted(params, adapter_params, sign: float):
+        new = {k: (dense(w) + sign * d).astype(w.dtype) for k, (w, d) in deltas(params, adapter_params).items()}
+        return replace_leaves(params, new)
+
+    return (lambda params, adapter_params: shifted(params, adapter_params, 1.0),
+            lambda params, adapter_params: shifted(params, adapter_params, -1.0))
 
 
 def resolve_targets(adapter_params, params, leaf_names: frozenset) -> list[tuple[tuple, str, Any, dict]]:

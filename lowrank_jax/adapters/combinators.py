@@ -114,9 +114,10 @@ def combine(*adapters: base.Adapter) -> base.Adapter:
             if name in roles and roles[name] != leaf:
                 raise ValueError(f"leaf {name!r} has different roles in the combined adapters: {roles[name]} and {leaf}")
             roles[name] = leaf
+    shared_names = frozenset(n for n, leaf in roles.items() if leaf.shared)
     same_names: dict[frozenset, list[base.Adapter]] = {}
-    for adapter in adapters:
-        same_names.setdefault(frozenset(adapter.leaf_names), []).append(adapter)
+    for adapter in adapters:  # a target's own leaves (shared leaves are handed to every target) tell its owner
+        same_names.setdefault(frozenset(adapter.leaf_names) - shared_names, []).append(adapter)
     matchers = {}
     for group in same_names.values():
         if len(group) > 1:
@@ -129,7 +130,7 @@ def combine(*adapters: base.Adapter) -> base.Adapter:
                     )
 
     def owner(path: str, leaves) -> base.Adapter:
-        group = same_names.get(frozenset(leaves))
+        group = same_names.get(frozenset(leaves) - shared_names)
         if group is None:
             raise ValueError(f"adapter leaves {sorted(leaves)} at {path!r} belong to none of the combined adapters")
         if len(group) == 1:
@@ -144,21 +145,35 @@ def combine(*adapters: base.Adapter) -> base.Adapter:
         by_component: dict[int, dict] = {id(a): {} for a in adapters}
         for keys, leaves in tree_lib.adapter_paths(adapter_params, frozenset(roles)):
             by_component[id(owner(tree_lib.path_str(keys), leaves))][keys] = leaves
-        return [(a, tree_lib.nest(by_component[id(a)])) for a in adapters if by_component[id(a)]]
+        shared = tree_lib.shared_of(adapter_params)
+        out = []
+        for a in adapters:
+            if by_component[id(a)]:
+                tree = tree_lib.nest(by_component[id(a)])
+                mine = {n: v for n, v in shared.items() if n in a.leaf_names}
+                out.append((a, {**tree, tree_lib.SHARED: mine} if mine else tree))
+        return out
 
     def init_fn(key, params):
-        trees, seen = {}, {}
+        trees, seen, shared = {}, {}, {}
         for adapter, k in zip(adapters, jax.random.split(key, len(adapters))):
-            for keys, leaves in tree_lib.adapter_paths(adapter.init(k, params), adapter.leaf_names):
+            tree = adapter.init(k, params)
+            shared.update(tree_lib.shared_of(tree))
+            for keys, leaves in tree_lib.adapter_paths(tree, adapter.leaf_names):
                 path = tree_lib.path_str(keys)
                 if keys in trees:
                     raise ValueError(f"{path!r} is targeted by both {seen[keys]!r} and {adapter.config.get('method')!r}; "
                                      f"combined adapters need disjoint targets")
                 trees[keys], seen[keys] = leaves, adapter.config.get("method")
-        return tree_lib.nest(trees)
+        out = tree_lib.nest(trees)
+        if shared:
+            out[tree_lib.SHARED] = shared
+        return out
 
     def apply_fn(leaves, site, x, y, *, path, dropout_key=None):
-        return owner(path, leaves).apply(leaves, site, x, y, path=path, dropout_key=dropout_key)
+        component = owner(path, leaves)
+        mine = {n: v for n, v in leaves.items() if n in component.leaf_names}
+        return component.apply(mine, site, x, y, path=path, dropout_key=dropout_key)
 
     def merge_fn(params, adapter_params):
         for adapter, tree in parts(adapter_params):
