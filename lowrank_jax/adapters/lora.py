@@ -180,6 +180,7 @@ def lora(
     layouts: Mapping[str, Any] | Callable | None = None,
     param_dtype: Any = None,
     lora_ga: LoraGA | None = None,
+    bias: str = "none",
 ) -> base.Adapter:
     r"""Low-rank adaptation of the targeted kernels.
 
@@ -231,6 +232,10 @@ def lora(
         ``lrj.linen.kernel_layouts``.
       param_dtype: dtype of ``a``/``b``; default: the kernel's dtype.
       lora_ga: options of ``init="lora_ga"`` (:class:`lrj.LoraGA`); default ``LoraGA()``.
+      bias: peft's ``bias=``: ``"none"``; ``"all"``: every leaf named ``bias`` trains too (norms'
+        included, as in peft); ``"lora_only"``: the biases of the LoRA-targeted layers train. The
+        biases are :func:`lrj.full_finetune` leaves ``w`` (``lrj.combine``), so ``unmerge`` raises;
+        ``lowrank_jax.io.peft`` saves them under peft's names (peft <= 0.20 dropped ``lora_only`` ones).
 
     Returns:
       An :class:`lrj.Adapter`.
@@ -259,6 +264,8 @@ def lora(
             raise ValueError(f"`rank_pattern[{pattern!r}]` must be a positive integer, got {r!r}")
     for pattern, a in (alpha_pattern or {}).items():
         _check_positive(f"alpha_pattern[{pattern!r}]", a)
+    if bias not in _BIASES:
+        raise ValueError(f"`bias` must be one of {_BIASES}, got {bias!r}")
     dropout = float(dropout)
 
     def rank_of(path: str) -> int:
@@ -364,7 +371,34 @@ def lora(
     )
     if ga is not None:
         config["lora_ga"] = ga._asdict()
-    return base.Adapter(init_fn, apply_fn, merge_fn, unmerge_fn, penalty_fn, frozenset("ab"), config, dict(base.LORA_ROLES))
+    adapter = base.Adapter(init_fn, apply_fn, merge_fn, unmerge_fn, penalty_fn, frozenset("ab"), config, dict(base.LORA_ROLES))
+    return adapter if bias == "none" else _with_biases(adapter, bias)
+
+
+_BIASES = ("none", "all", "lora_only")
+#: Every leaf named ``bias`` (peft's ``bias="all"``: parameters named ``bias`` or ``*.bias``).
+ALL_BIASES = r"(.*/)?bias"
+
+
+def _with_biases(adapter: base.Adapter, bias: str) -> base.Adapter:
+    """``adapter`` (LoRA) with trained biases: ``lrj.combine(adapter, lrj.full_finetune(biases))``, its
+    config LoRA's plus ``bias``; for ``"lora_only"`` the biases are found at init, beside the targeted kernels."""
+    from lowrank_jax.adapters import combinators  # combinators imports base only; lazily, to keep lora's imports flat
+
+    def init_fn(key, params, **init_kwargs):
+        lora_params = adapter.init(key, params, **init_kwargs)
+        if bias == "all":
+            return tree_lib.merge_trees(lora_params, combinators.full_finetune(ALL_BIASES).init(key, params))
+        present = {keys for keys, _, _ in tree_lib.flatten_with_paths(params)}
+        paths = [tree_lib.path_str(keys[:-1] + ("bias",)) for keys, _ in tree_lib.adapter_paths(lora_params, adapter.leaf_names)
+                 if keys[:-1] + ("bias",) in present]
+        if not paths:
+            return lora_params
+        biases = combinators.full_finetune([re.escape(p) for p in paths]).init(key, params)
+        return tree_lib.merge_trees(lora_params, biases)
+
+    combined = combinators.combine(adapter, combinators.full_finetune(ALL_BIASES))
+    return combined._replace(init=init_fn, config={**adapter.config, "bias": bias})
 
 
 def init_with_residual(adapter: base.Adapter, key, params, **init_kwargs) -> tuple[Any, Any]:

@@ -3,19 +3,25 @@
 peft stores, per adapted torch module ``<name>`` (torch orientation, ``nn.Linear``
 weight ``[out, in]``):
 
-- ``base_model.model.<name>.lora_A.weight``: ``[r, in]`` = ``a.T`` (ours is ``a: [in, r]``),
-- ``base_model.model.<name>.lora_B.weight``: ``[out, r]`` = ``b.T`` (ours is ``b: [r, out]``),
-- embeddings: ``...lora_embedding_A`` ``[r, vocab]`` = ``a.T`` and ``...lora_embedding_B`` ``[dim, r]`` = ``b.T``.
+- LoRA: ``base_model.model.<name>.lora_A.weight``: ``[r, in]`` = ``a.T`` (ours is ``a: [in, r]``),
+  ``base_model.model.<name>.lora_B.weight``: ``[out, r]`` = ``b.T`` (ours is ``b: [r, out]``),
+  embeddings: ``...lora_embedding_A`` ``[r, vocab]`` = ``a.T`` and ``...lora_embedding_B`` ``[dim, r]`` = ``b.T``;
+  with ``bias="all"``/``"lora_only"`` the trained biases (ours: :func:`lrj.full_finetune` leaves ``w``
+  at ``.../bias``), a LoRA-targeted layer's as ``<name>.base_layer.bias``, any other as ``<name>.bias``
+  (peft <= 0.20 dropped the ``lora_only`` ones on saving; peft 0.21 and this module keep them);
+- IA3 (``peft_type: "IA3"``, :func:`lrj.ia3`): ``base_model.model.<name>.ia3_l``, ``[out, 1]`` for an
+  ordinary target (ours ``l_out: [out]``) and ``[1, in]`` for a ``feedforward_modules`` one (ours ``l_in: [in]``).
 
 N-D kernels are flattened to ``[prod(in), prod(out)]`` row-major (how a torch
 ``Linear`` sees a ``[D, N, H]`` projection), and scan-stacked kernels are split
 into one module per layer. Which torch module a Flax kernel is, is the
 caller's ``module_name(path, layer)`` (``layer`` is the index along the stack
 axis, or ``None``); :func:`llama_module_name` (from :mod:`lowrank_jax.io.hf_names`) covers
-``lowrank_jax.models.llama``.
+``lowrank_jax.models.llama``. A bias is named after its layer's kernel (``.../bias`` -> the module
+of ``.../kernel``); a stacked bias's stack is its kernel's, or all but its last axis.
 
 Reference matched: peft's ``save_pretrained`` / ``PeftModel.from_pretrained``
-for ``LoraConfig`` (tested against a directory written by peft 0.21.2).
+for ``LoraConfig`` and ``IA3Config`` (tested against directories written by peft 0.21.2).
 """
 
 from __future__ import annotations
@@ -31,16 +37,23 @@ import numpy as np
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import base
 from lowrank_jax.adapters import scale as scale_lib
+from lowrank_jax.adapters.ia3 import IA3_ROLES, ia3
 from lowrank_jax.adapters.lora import lora
 from lowrank_jax.io.hf_names import llama_module_name as llama_module_name  # re-exported
 
 __all__ = ["save_peft", "load_peft", "llama_module_name"]
 
 PREFIX = "base_model.model."
+BIAS_LEAF = "w"  # the leaf of a trained bias (lrj.full_finetune)
+
+
+def _bias_mode(adapter: base.Adapter) -> str:
+    return adapter.config.get("bias", "none")
 
 
 def _lora_factors(adapter: base.Adapter) -> tuple[str, str]:
-    """The names of ``adapter``'s A and B from its leaf roles; raises unless those are its only leaves.
+    """The names of ``adapter``'s A and B from its leaf roles; raises unless those are its only leaves
+    (besides the trained biases of ``lrj.lora(bias=...)``).
 
     peft's LoRA format stores ``lora_A``/``lora_B`` only: a leaf of any other role (DoRA's
     magnitude ``m: ("stack", "out")``, which peft stores as ``lora_magnitude_vector``
@@ -48,7 +61,8 @@ def _lora_factors(adapter: base.Adapter) -> tuple[str, str]:
     """
     roles = scale_lib.roles_or_lora(adapter)
     lora_axes = tuple(leaf.axes for leaf in base.LORA_ROLES.values())
-    others = {n: leaf.axes for n, leaf in roles.items() if leaf.axes not in lora_axes}
+    allowed = (*lora_axes, ("param",)) if _bias_mode(adapter) != "none" else lora_axes
+    others = {n: leaf.axes for n, leaf in roles.items() if leaf.axes not in allowed}
     if others:
         raise ValueError(
             f"cannot export adapter {adapter.config.get('method', '?')!r} in peft's LoRA format: its leaves {others} "
@@ -57,37 +71,86 @@ def _lora_factors(adapter: base.Adapter) -> tuple[str, str]:
     return scale_lib.lora_factor_names(adapter)
 
 
-def _targets(adapter: base.Adapter, params, adapter_params):
-    """``(keys, path, kernel, a, b, layout)`` per target, the factors and layout found from the leaves' roles."""
-    a_name, b_name = _lora_factors(adapter)
-    roles = scale_lib.roles_or_lora(adapter)
-    for keys, path, kernel, leaves in base.resolve_targets(adapter_params, params, frozenset(roles)):
-        layout = base.layout_of(path, tree_lib.shape_of(kernel), leaves, roles)
-        yield keys, path, kernel, leaves[a_name], leaves[b_name], layout
+def _layers(stack: tuple) -> list:
+    """``(index, layer)`` per stacked layer (``[(None, None)]`` unstacked); ``layer`` is what ``module_name`` gets."""
+    if not stack:
+        return [(None, None)]
+    return [(i, i[0] if len(i) == 1 else "_".join(map(str, i))) for i in np.ndindex(*stack)]
+
+
+def _sibling(keys: tuple, leaf: str) -> tuple:
+    return keys[:-1] + (leaf,)
+
+
+def _layout(params, path: str, kernel, leaves: dict, roles: dict, layouts):
+    """The kernel's layout: from ``layouts`` when given, else the one its leaves' shapes fit."""
+    if layouts is not None:
+        return tree_lib.select_targets(params, lambda p, leaf: p == path, layouts)[0].layout
+    try:
+        return base.layout_of(path, tree_lib.shape_of(kernel), leaves, roles)
+    except ValueError as e:
+        raise ValueError(f"{e}; pass layouts= (lrj.linen.kernel_layouts) to tell") from None
+
+
+def _write(directory, tensors: dict, config: dict) -> pathlib.Path:
+    from safetensors.numpy import save_file
+
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def _bias_tensors(trained: dict, lora_kernels: dict, module_name) -> dict:
+    """peft's tensors of the trained biases (``{keys: {"w": value}}`` at ``.../bias``), per layer and flattened.
+
+    ``lora_kernels``: ``{kernel keys: stack}`` of the LoRA targets (their biases are ``base_layer.bias``)."""
+    tensors = {}
+    for keys, leaves in trained.items():
+        if keys[-1] != "bias":
+            raise ValueError(f"cannot export the trained leaf {tree_lib.path_str(keys)!r} in peft's LoRA format: only "
+                             f"biases (bias='all'/'lora_only') are written, not modules_to_save")
+        value = np.asarray(leaves[BIAS_LEAF], np.float32)
+        kernel = _sibling(keys, "kernel")
+        stack = lora_kernels.get(kernel, value.shape[:-1])
+        suffix = "base_layer.bias" if kernel in lora_kernels else "bias"
+        for index, layer in _layers(tuple(stack)):
+            name = module_name(tree_lib.path_str(kernel), layer)
+            tensors[f"{PREFIX}{name}.{suffix}"] = np.ascontiguousarray((value if index is None else value[index]).reshape(-1))
+    return tensors
 
 
 def save_peft(directory: str | os.PathLike, adapter: base.Adapter, params, adapter_params, *,
               module_name: Callable[[str, int | None], str] = llama_module_name,
-              base_model_name_or_path: str | None = None, task_type: str | None = "CAUSAL_LM") -> pathlib.Path:
-    """Writes ``adapter_params`` as a peft LoRA adapter directory that ``PeftModel.from_pretrained`` loads."""
-    from safetensors.numpy import save_file
+              base_model_name_or_path: str | None = None, task_type: str | None = "CAUSAL_LM",
+              layouts=None) -> pathlib.Path:
+    """Writes ``adapter_params`` as a peft adapter directory that ``PeftModel.from_pretrained`` loads.
 
+    LoRA (``lrj.lora``, with its trained biases under ``bias=``) or IA3 (``lrj.ia3``); ``layouts``
+    (optional, as given to the adapter) settles a stacked kernel's layout where its leaves fit several.
+    """
+    if adapter.config.get("method") == "ia3":
+        return _save_ia3(directory, adapter, params, adapter_params, module_name, base_model_name_or_path, task_type, layouts)
     cfg = adapter.config
     missing = [k for k in ("rank", "alpha", "alpha_pattern", "rslora", "dropout") if k not in cfg]
     if missing:
         raise ValueError(f"cannot export adapter {cfg.get('method', '?')!r} in peft's LoRA format: "
                          f"its config lacks {missing}")
-    tensors, rank_pattern, alpha_pattern, modules = {}, {}, {}, set()
-    scale_default = cfg["alpha"]
-    for keys, path, kernel, a, b, layout in _targets(adapter, params, adapter_params):
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    a_name, b_name = _lora_factors(adapter)
+    roles = scale_lib.roles_or_lora(adapter)
+    found = tree_lib.adapter_paths(adapter_params, frozenset(roles))
+    factor_trees = {k: v for k, v in found if BIAS_LEAF not in v}
+    tensors, rank_pattern, alpha_pattern, modules, lora_kernels = {}, {}, {}, set(), {}
+    for keys, path, kernel, leaves in base.resolve_targets(tree_lib.nest(factor_trees), params, frozenset(roles)):
+        layout = _layout(params, path, kernel, leaves, roles, layouts)
+        a, b = np.asarray(leaves[a_name], np.float32), np.asarray(leaves[b_name], np.float32)
         r = a.shape[-1]
         stack = tuple(tree_lib.shape_of(kernel)[: layout.stack])
-        a2 = a.reshape(*stack, -1, r)
-        b2 = b.reshape(*stack, r, -1)
-        alpha = tree_lib.first_match(cfg["alpha_pattern"], path, scale_default)
-        for index in np.ndindex(*stack) if stack else [None]:
-            layer = None if index is None else (index[0] if len(index) == 1 else "_".join(map(str, index)))
+        lora_kernels[keys] = stack
+        a2, b2 = a.reshape(*stack, -1, r), b.reshape(*stack, r, -1)
+        alpha = tree_lib.first_match(cfg["alpha_pattern"], path, cfg["alpha"])
+        for index, layer in _layers(stack):
             name = module_name(path, layer)
             aa, bb = (a2, b2) if index is None else (a2[index], b2[index])
             embedding = keys[-1] in tree_lib.EMBEDDING_NAMES
@@ -99,18 +162,40 @@ def save_peft(directory: str | os.PathLike, adapter: base.Adapter, params, adapt
                 rank_pattern[re.escape(name)] = r
             if alpha != cfg["alpha"]:
                 alpha_pattern[re.escape(name)] = alpha
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    tensors.update(_bias_tensors({k: v for k, v in found if BIAS_LEAF in v}, lora_kernels, module_name))
     config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": cfg["rank"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg["dropout"], "use_rslora": cfg["rslora"],
         "target_modules": sorted(modules), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "bias": "none", "fan_in_fan_out": False, "use_dora": False, "init_lora_weights": True,
+        "bias": _bias_mode(adapter), "fan_in_fan_out": False, "use_dora": False, "init_lora_weights": True,
         "inference_mode": True, "modules_to_save": None,
     }
-    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return directory
+    return _write(directory, tensors, config)
+
+
+def _save_ia3(directory, adapter, params, adapter_params, module_name, base_model_name_or_path, task_type, layouts):
+    tensors, kinds = {}, {}
+    for keys, path, kernel, leaves in base.resolve_targets(adapter_params, params, frozenset(IA3_ROLES)):
+        (leaf, vec), = leaves.items()
+        layout = _layout(params, path, kernel, leaves, IA3_ROLES, layouts)
+        stack = tuple(tree_lib.shape_of(kernel)[: layout.stack])
+        vec = np.asarray(vec, np.float32).reshape(*stack, -1)
+        for index, layer in _layers(stack):
+            name = module_name(path, layer)
+            v = vec if index is None else vec[index]
+            tensors[f"{PREFIX}{name}.ia3_l"] = np.ascontiguousarray(v[None, :] if leaf == "l_in" else v[:, None])
+            kinds.setdefault(name.rsplit(".", 1)[-1], set()).add(leaf)
+    mixed = sorted(k for k, v in kinds.items() if len(v) > 1)
+    if mixed:
+        raise ValueError(f"cannot export: peft names IA3 modules by suffix, and {mixed} are feedforward targets in some "
+                         f"layers but not in others")
+    config = {
+        "peft_type": "IA3", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "target_modules": sorted(kinds), "feedforward_modules": sorted(k for k, v in kinds.items() if "l_in" in v),
+        "fan_in_fan_out": False, "init_ia3_weights": True, "inference_mode": True, "modules_to_save": None,
+        "exclude_modules": None,
+    }
+    return _write(directory, tensors, config)
 
 
 def _peft_pattern_value(patterns: dict, name: str, default):
@@ -121,78 +206,154 @@ def _peft_pattern_value(patterns: dict, name: str, default):
     return default
 
 
-def load_peft(directory: str | os.PathLike, params, *, layouts=None,
-              module_name: Callable[[str, int | None], str] = llama_module_name):
-    """``(adapter, adapter_params)`` from a peft LoRA directory, for the Flax ``params`` it adapts.
-
-    Raises ``ValueError`` for a non-LoRA or DoRA config, for modules that do not
-    exist in ``params``, and for shapes that do not fit.
-    """
-    from safetensors.numpy import load_file
-
+def _read(directory) -> tuple[dict, pathlib.Path]:
     directory = pathlib.Path(directory)
     config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
         raise ValueError(f"{directory} is not a peft adapter directory (needs adapter_config.json and adapter_model.safetensors)")
     config = json.loads(config_path.read_text())
-    if config.get("peft_type") != "LORA" or config.get("use_dora"):
-        raise ValueError(f"{config_path}: only plain LoRA adapters are supported, got peft_type={config.get('peft_type')!r}, "
-                         f"use_dora={config.get('use_dora')}")
     if config.get("fan_in_fan_out"):
         raise ValueError(f"{config_path}: fan_in_fan_out=True (Conv1D layers) is not supported")
-    tensors = load_file(str(weights_path))
-    # Every kernel of params with its torch module names, per stacked layer.
-    by_name, kernels = {}, {}
-    for keys, path, leaf in tree_lib.flatten_with_paths(params):
+    return config, weights_path
+
+
+def _modules(params, layouts, module_name) -> tuple[dict, dict]:
+    """``({torch module name: (keys, path, leaf, layout, index)}, {bias module name: (keys, index)})`` for
+    every kernel/embedding of ``params`` per stacked layer, and every bias (named after its kernel)."""
+    by_name, biases, stacks = {}, {}, {}
+    flat = tree_lib.flatten_with_paths(params)
+
+    def name_of(path, layer):
+        try:
+            return module_name(path, layer)
+        except ValueError:
+            return None
+
+    for keys, path, leaf in flat:
         if keys[-1] not in ("kernel", *tree_lib.EMBEDDING_NAMES) or len(tree_lib.shape_of(leaf)) < 2:
             continue
         layout = tree_lib.select_targets(params, re.escape(path), layouts)[0].layout
-        kernels[keys] = tree_lib.shape_of(leaf)[: layout.stack]
-        for index in np.ndindex(*kernels[keys]) if kernels[keys] else [None]:
-            layer = None if index is None else (index[0] if len(index) == 1 else "_".join(map(str, index)))
-            try:
-                by_name[module_name(path, layer)] = (keys, path, leaf, layout, index)
-            except ValueError:
-                continue
+        stacks[keys] = tree_lib.shape_of(leaf)[: layout.stack]
+        for index, layer in _layers(stacks[keys]):
+            name = name_of(path, layer)
+            if name is not None:
+                by_name[name] = (keys, path, leaf, layout, index)
+    for keys, path, leaf in flat:
+        if keys[-1] != "bias":
+            continue
+        kernel = _sibling(keys, "kernel")
+        for index, layer in _layers(tuple(stacks.get(kernel, tree_lib.shape_of(leaf)[:-1]))):
+            name = name_of(tree_lib.path_str(kernel), layer)
+            if name is not None:
+                biases[name] = (keys, leaf, index)
+    return by_name, biases
+
+
+def _module(by_name: dict, name: str, weights_path):
+    if name not in by_name:
+        raise ValueError(f"{weights_path}: module {name!r} is not in these params (is this adapter from another model?); "
+                         f"modules include {sorted(by_name)[:6]}")
+    return by_name[name]
+
+
+def _restack(grouped: dict, shape_of: Callable, weights_path) -> dict:
+    """``{keys: {leaf: array}}`` from ``{keys: {index: {leaf: per-layer array}}}``: stacked layers stacked again."""
+    out = {}
+    for keys, per_layer in grouped.items():
+        if None in per_layer:
+            out[keys] = per_layer[None]
+            continue
+        stack = shape_of(keys)
+        missing = [i for i in np.ndindex(*stack) if i not in per_layer]
+        if missing:
+            raise ValueError(f"{weights_path}: stacked {tree_lib.path_str(keys)} lacks layers {missing[:5]}")
+        layers = [per_layer[i] for i in np.ndindex(*stack)]
+        out[keys] = {n: np.stack([lv[n] for lv in layers]).reshape(*stack, *layers[0][n].shape) for n in layers[0]}
+    return out
+
+
+def load_peft(directory: str | os.PathLike, params, *, layouts=None,
+              module_name: Callable[[str, int | None], str] = llama_module_name):
+    """``(adapter, adapter_params)`` from a peft LoRA (trained biases included) or IA3 directory, for the
+    Flax ``params`` it adapts.
+
+    Raises ``ValueError`` for other peft types or DoRA, for modules that do not exist in
+    ``params``, and for shapes that do not fit.
+    """
+    from safetensors.numpy import load_file
+
+    config, weights_path = _read(directory)
+    if config.get("peft_type") not in ("LORA", "IA3") or config.get("use_dora"):
+        raise ValueError(f"{weights_path.parent / 'adapter_config.json'}: only plain LoRA adapters are supported (and IA3), "
+                         f"got peft_type={config.get('peft_type')!r}, use_dora={config.get('use_dora')}")
+    tensors = load_file(str(weights_path))
+    if config["peft_type"] == "IA3":
+        return _load_ia3(config, tensors, weights_path, params, layouts, module_name)
+    bias = config.get("bias", "none") or "none"
+    by_name, bias_modules = _modules(params, layouts, module_name)
+    shapes = {keys: tree_lib.shape_of(leaf) for keys, _, leaf, _, _ in by_name.values()}
+    shapes.update({keys: tree_lib.shape_of(leaf) for keys, leaf, _ in bias_modules.values()})
+    stacks = {keys: shapes[keys][: layout.stack] for keys, _, _, layout, _ in by_name.values()}
     grouped: dict[tuple, dict] = {}
     rank_pattern, alpha_pattern, pairs = {}, {}, {}
     for key, value in tensors.items():
-        m = re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)", key)
-        if not m:
+        m = re.fullmatch(rf"{re.escape(PREFIX)}(.+?)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|"
+                         rf"base_layer\.bias|bias)", key)
+        if not m or (m.group(2).endswith("bias") and bias == "none"):
             raise ValueError(f"{weights_path}: unexpected tensor {key!r}")
+        if m.group(2).endswith("bias"):
+            keys, leaf, index = _module(bias_modules, m.group(1), weights_path)
+            per_layer_shape = tree_lib.shape_of(leaf)[len(index or ()):]
+            grouped.setdefault(keys, {})[index] = {BIAS_LEAF: value.reshape(per_layer_shape)}
+            stacks.setdefault(keys, tree_lib.shape_of(leaf)[: len(index or ())])
+            continue
         pairs.setdefault(m.group(1), {})["a" if m.group(2).startswith(("lora_A", "lora_embedding_A")) else "b"] = value
     for name, ab in pairs.items():
-        if name not in by_name:
-            known = sorted(by_name)[:6]
-            raise ValueError(f"{weights_path}: module {name!r} is not in these params (is this adapter from another model?); "
-                             f"modules include {known}")
-        keys, path, leaf, layout, index = by_name[name]
+        keys, path, leaf, layout, index = _module(by_name, name, weights_path)
         _, ins, outs = layout.split(tree_lib.shape_of(leaf))
         r = ab["a"].shape[0]
-        a = ab["a"].T.reshape(*ins, r)
-        b = ab["b"].T.reshape(r, *outs)
-        grouped.setdefault(keys, {})[index] = (a, b)
+        grouped.setdefault(keys, {})[index] = {"a": ab["a"].T.reshape(*ins, r), "b": ab["b"].T.reshape(r, *outs)}
         r_expected = _peft_pattern_value(config.get("rank_pattern"), name, config["r"])
         if r != r_expected:
             raise ValueError(f"{weights_path}: {name} has rank {r}, its config says {r_expected}")
         rank_pattern[re.escape(path)] = r
         alpha_pattern[re.escape(path)] = float(_peft_pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]))
-    out = {}
-    for keys, per_layer in grouped.items():
-        if None in per_layer:
-            a, b = per_layer[None]
-        else:
-            stack = kernels[keys]
-            missing = [i for i in np.ndindex(*stack) if i not in per_layer]
-            if missing:
-                raise ValueError(f"{weights_path}: stacked {tree_lib.path_str(keys)} lacks layers {missing[:5]}")
-            layers = [per_layer[i] for i in np.ndindex(*stack)]
-            a = np.stack([ab[0] for ab in layers]).reshape(*stack, *layers[0][0].shape)
-            b = np.stack([ab[1] for ab in layers]).reshape(*stack, *layers[0][1].shape)
-        out[keys] = {"a": a, "b": b}
-    paths = [re.escape(tree_lib.path_str(k)) for k in out]
+    out = _restack(grouped, stacks.__getitem__, weights_path)
+    paths = [re.escape(tree_lib.path_str(k)) for k, v in out.items() if BIAS_LEAF not in v]
     adapter = lora(rank=int(config["r"]), alpha=float(config["lora_alpha"]), targets=paths,
                    rslora=bool(config.get("use_rslora")), dropout=float(config.get("lora_dropout") or 0.0),
-                   rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, layouts=layouts)
+                   rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, layouts=layouts, bias=bias)
     adapter_params = tree_lib.nest({k: {n: np.asarray(v, np.float32) for n, v in ab.items()} for k, ab in out.items()})
     return adapter, adapter_params
+
+
+def _peft_feedforward(config: dict, name: str) -> bool:
+    """peft's ``IA3Model._check_target_module_feedforward``: a regex fullmatch, or a suffix of a list entry."""
+    ff = config.get("feedforward_modules") or []
+    if isinstance(ff, str):
+        return bool(re.fullmatch(ff, name))
+    return any(name.endswith(t) for t in ff)
+
+
+def _load_ia3(config, tensors, weights_path, params, layouts, module_name):
+    by_name, _ = _modules(params, layouts, module_name)
+    grouped, stacks, feedforward = {}, {}, set()
+    for key, value in tensors.items():
+        m = re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.ia3_l", key)
+        if not m:
+            raise ValueError(f"{weights_path}: unexpected tensor {key!r}")
+        keys, path, leaf, layout, index = _module(by_name, m.group(1), weights_path)
+        stack, ins, outs = layout.split(tree_lib.shape_of(leaf))
+        ff = _peft_feedforward(config, m.group(1))
+        want = (1, tree_lib.prod(ins)) if ff else (tree_lib.prod(outs), 1)
+        if tuple(value.shape) != want:
+            raise ValueError(f"{weights_path}: {key} has shape {tuple(value.shape)}; a {'feedforward' if ff else 'output'} "
+                             f"target of kernel {tree_lib.shape_of(leaf)} needs {want} (only Linear layers are supported)")
+        grouped.setdefault(keys, {})[index] = {"l_in": value.reshape(ins)} if ff else {"l_out": value.reshape(outs)}
+        stacks[keys] = stack
+        if ff:
+            feedforward.add(re.escape(path))
+    out = _restack(grouped, stacks.__getitem__, weights_path)
+    adapter = ia3(targets=[re.escape(tree_lib.path_str(k)) for k in out], feedforward=sorted(feedforward) or None,
+                  layouts=layouts)
+    return adapter, tree_lib.nest({k: {n: np.asarray(v, np.float32) for n, v in lv.items()} for k, lv in out.items()})
