@@ -13,6 +13,9 @@ from lowrank_jax import longlora as longlora
 from lowrank_jax import nnx as nnx
 from lowrank_jax import optim as optim
 from lowrank_jax import quant as quant
+from lowrank_jax.adapters.adalora import AdaLoraState as AdaLoraState
+from lowrank_jax.adapters.adalora import adalora as adalora
+from lowrank_jax.adapters.adalora import adalora_allocator as adalora_allocator
 from lowrank_jax.adapters.base import Adapter as Adapter
 from lowrank_jax.adapters.base import Leaf as Leaf
 from lowrank_jax.adapters.base import freeze as freeze
@@ -21,8 +24,10 @@ from lowrank_jax.adapters.base import split as split
 from lowrank_jax.adapters.base import Site as Site
 from lowrank_jax.adapters.combinators import combine as combine
 from lowrank_jax.adapters.combinators import full_finetune as full_finetune
+from lowrank_jax.adapters.bitfit import bitfit as bitfit
 from lowrank_jax.adapters.dora import dora as dora
 from lowrank_jax.adapters.dora import weight_norms as dora_weight_norms
+from lowrank_jax.adapters.ia3 import ia3 as ia3
 from lowrank_jax.adapters.lora import LoraGA as LoraGA
 from lowrank_jax.adapters.lora import init_with_residual as init_with_residual
 from lowrank_jax.adapters.lora import offset_to_plain_lora as offset_to_plain_lora
@@ -40,20 +45,25 @@ from lowrank_jax.tree import mask as mask
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraState",
     "Adapter",
     "Layout",
     "Leaf",
     "LoraGA",
     "Site",
+    "adalora",
+    "adalora_allocator",
     "adapter_shardings",
     "attention",
     "average_gradient",
+    "bitfit",
     "combine",
     "dora",
     "dora_weight_norms",
     "freeze",
     "full_finetune",
     "grads",
+    "ia3",
     "init_with_residual",
     "join",
     "labels",

@@ -4,7 +4,8 @@
 - :mod:`lowrank_jax.io.hf_safetensors`: Hugging Face safetensors -> BERT Flax params.
 - :mod:`lowrank_jax.io.tokenizer`: byte-level BPE (from GGUF metadata) and WordPiece
   (from ``tokenizer.json``) tokenizers in pure Python.
-- :mod:`lowrank_jax.io.peft`: Hugging Face peft LoRA adapter directories in and out.
+- :mod:`lowrank_jax.io.peft`: Hugging Face peft LoRA and IA3 adapter directories in and out.
+- :mod:`lowrank_jax.io.peft_adalora`: peft AdaLoRA adapter directories in and out.
 - :mod:`lowrank_jax.io.hf_names`: transformers' ``LlamaForCausalLM`` names of LLaMA params.
 
 The submodules load lazily, on first attribute access (``lowrank_jax.io.gguf``) or
@@ -23,9 +24,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from lowrank_jax.io import hf_names as hf_names
     from lowrank_jax.io import hf_safetensors as hf_safetensors
     from lowrank_jax.io import peft as peft
+    from lowrank_jax.io import peft_adalora as peft_adalora
     from lowrank_jax.io import tokenizer as tokenizer
 
-__all__ = ["gguf", "hf_names", "hf_safetensors", "peft", "tokenizer"]
+__all__ = ["gguf", "hf_names", "hf_safetensors", "peft", "peft_adalora", "tokenizer"]
 
 
 def __getattr__(name: str):
