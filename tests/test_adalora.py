@@ -236,13 +236,3 @@ def test_wrong_adapter_and_directory():
         adalora(total_step=10, targets=".*").init(jax.random.key(0), {"emb": {"embedding": jnp.zeros((5, 4))}})
 
 
-CASE = harness.Case("adalora", lambda **kw: adalora(init_r=4, target_r=2, total_step=10, **kw))
-
-
-# The 8-device check (harness.device_diffs) needs its own process (tests/harness_devices.py); not run here.
-@pytest.mark.parametrize("name, check", harness.CHECKS.items(), ids=list(harness.CHECKS))
-def test_harness(name, check, tmp_path):
-    if name == "checkpoint":
-        check(CASE, tmp_path / "ckpt")
-    else:
-        check(CASE)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_ia3 import FIXTURES, REF, TOL, Net, fixture_params, harness_params, max_diff, module_name, run_check
+from test_ia3 import FIXTURES, REF, TOL, Net, fixture_params, max_diff, module_name
 
 import adapter_harness as harness
 import lowrank_jax as lrj
@@ -15,7 +15,6 @@ from lowrank_jax.adapters.bitfit import bitfit
 from lowrank_jax.io import peft as peft_io
 
 PEFT_DIR = FIXTURES / "peft_ia3_dir" / "lora_bias_all"
-UNMERGE = "full_finetune's unmerge cannot recover the replaced biases (keep the base params): it raises"
 
 
 def test_bitfit_trains_the_biases_only():
@@ -97,20 +96,3 @@ def test_lora_only_biases_are_saved_and_loaded(tmp_path):
     assert max_diff(lrj.linen.apply(Net(), loaded, params, lp2, x), lrj.linen.apply(Net(), adapter, params, lp, x)) < 1e-6
 
 
-CASES = [
-    harness.Case("bitfit", lambda **kw: bitfit(**kw), xfail={"merge": UNMERGE, "dropout": "BitFit has no dropout: it raises"}),
-    harness.Case("lora_bias_lora_only", lambda **kw: lrj.lora(rank=2, alpha=4.0, bias="lora_only", **kw), xfail={"merge": UNMERGE}),
-]
-
-
-@pytest.mark.parametrize("case, check", harness_params(CASES))
-def test_harness(case, check, tmp_path):
-    run_check(case, check, tmp_path)
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_merged_equals_factored(case):
-    s = harness.setup(case)
-    y = harness.run(s)
-    harness.assert_changes(y, s.model.apply({"params": s.params}, s.x), "adapter vs base")
-    harness.assert_close(s.model.apply({"params": s.adapter.merge(s.params, s.lp)}, s.x), y, case.tol, "merged vs factored")

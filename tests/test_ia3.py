@@ -1,5 +1,5 @@
 """IA3 (``lowrank_jax.adapters.ia3``) against peft 0.21.2 (``tests/fixtures/make_peft_ia3.py``), its peft
-files both ways, and the shared adapter harness."""
+files both ways (the shared harness runs it: tests/test_harness.py)."""
 
 import json
 import pathlib
@@ -38,18 +38,6 @@ def module_name(path, layer):
     """Flax ``up/kernel`` -> torch module ``up``."""
     assert layer is None
     return path.split("/")[-2]
-
-
-def harness_params(cases):
-    """``(case, check)`` pytest params for the harness's checks, a case's ``xfail[check]`` a strict xfail."""
-    return [pytest.param(case, check, id=f"{case.name}-{name}",
-                         marks=[pytest.mark.xfail(strict=True, reason=case.xfail[name])] if name in case.xfail else [])
-            for case in cases for name, check in harness.CHECKS.items()]
-
-
-def run_check(case, check, tmp_path):
-    """One harness check (``check_checkpoint`` takes a directory). The 8-device check is not run here."""
-    check(case, tmp_path) if check is harness.check_checkpoint else check(case)
 
 
 ADAPTER = ia3(targets=r"(up|down)/kernel", feedforward=r"down/kernel")
@@ -105,10 +93,11 @@ def test_directory_we_write_matches_peft(tmp_path):
 def test_scanned_round_trip_and_stacked_merge(tmp_path):
     """The harness's ``nn.scan`` MLP: stacked ``l_in`` [layers, in] fits two layouts of its kernel, so
     merge and export take the factory's ``layouts``; peft gets one module per layer."""
-    s = harness.setup(IA3_CASE)
+    case = harness.CASES_BY_NAME["ia3"]
+    s = harness.setup(case)
     scanned = harness.MLP.scanned()
     layouts = lrj.linen.kernel_layouts(scanned, s.x)
-    adapter = IA3_CASE.adapter(layouts=layouts)
+    adapter = case.adapter(layouts=layouts)
     params, lp = harness.stack_layers(s.params), harness.stack_layers(s.lp)
     name = lambda path, layer: f"layers.{layer}.{path.split('/')[-2]}"  # noqa: E731
     with pytest.raises(ValueError, match=r"fit several layouts .* pass layouts="):
@@ -141,10 +130,3 @@ def test_bad_inputs_name_the_value():
         ia3(targets="emb/embedding", feedforward=None).init(jax.random.key(0), {"emb": {"embedding": jnp.ones((5, 3))}})
 
 
-IA3_CASE = harness.Case("ia3", lambda **kw: ia3(targets=r".*/kernel", feedforward=r".*/down/kernel", **kw),
-                        xfail={"dropout": "peft's IA3 has no dropout: ia3(dropout=0.5) raises"})
-
-
-@pytest.mark.parametrize("case, check", harness_params([IA3_CASE]))
-def test_harness(case, check, tmp_path):
-    run_check(case, check, tmp_path)
