@@ -28,13 +28,14 @@ def _finetune_parser(sub) -> None:
     d = FinetuneConfig()
     p = sub.add_parser("finetune", help="fine-tune SmolLM2-135M-Instruct on CPU (defaults: LoRA r=8 on all linear layers)")
     p.add_argument("--method", default=d.method, help=f"one of {', '.join(RECIPES)} (default {d.method})")
-    p.add_argument("--rank", type=int, default=d.rank, help="default 8 (128 for galore)")
+    p.add_argument("--rank", type=int, default=d.rank, help="default 8 (galore 128, vera 256, adalora init_r 12)")
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--targets", default=d.targets,  # longlora always adapts q/k/v/o
-                   help=f"a preset ({', '.join(TARGET_PRESETS)}), a comma list of layer names (q_proj,v_proj), or a regex on param paths")
+                   help=f"a preset ({', '.join(TARGET_PRESETS)}), a comma list of layer names (q_proj,v_proj), or a regex on "
+                        f"param paths (default all-linear; ia3: k_proj,v_proj,down_proj)")
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--lr", type=float, default=d.lr, help="default 1e-3 (1e-4 for galore)")
+    p.add_argument("--lr", type=float, default=d.lr, help="default 1e-3 (galore 1e-4, vera 4e-3, ia3 3e-3)")
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--output-dir", default=d.output_dir)

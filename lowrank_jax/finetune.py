@@ -28,7 +28,7 @@ import optax
 
 from lowrank_jax import checkpoint
 from lowrank_jax.adapters.lora import lora
-from lowrank_jax.training import trainable_summary
+from lowrank_jax.training import make_train_step, trainable_summary
 
 __all__ = ["FinetuneConfig", "RECIPES", "Recipe", "TARGET_PRESETS", "finetune", "resolve_targets", "build_adapter"]
 
@@ -52,7 +52,7 @@ class FinetuneConfig:
     method: str = "lora"
     rank: int | None = None  # 8 (LoRA family), 128 (galore)
     alpha: float = 16.0
-    targets: str = "all-linear"
+    targets: str | None = None  # all-linear; IA3: k_proj,v_proj,down_proj
     dropout: float = 0.05
     steps: int = 60
     lr: float | None = None  # 1e-3 (LoRA family), 1e-4 (galore)
@@ -72,7 +72,7 @@ class FinetuneConfig:
     def validate(self) -> None:
         if self.method not in RECIPES:
             raise UserError(f"unknown method {self.method!r}; available: {', '.join(RECIPES)}")
-        defaults = {"rank": 8, "lr": 1e-3, **METHOD_DEFAULTS.get(self.method, {})}
+        defaults = {"rank": 8, "lr": 1e-3, "targets": "all-linear", **METHOD_DEFAULTS.get(self.method, {})}
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -84,6 +84,12 @@ class FinetuneConfig:
             raise UserError(f"--lr and --alpha must be positive, got lr={self.lr}, alpha={self.alpha}")
         if not 0 <= self.dropout < 1:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.method == "bitfit" and not MODEL_HAS_BIASES["SmolLM2-135M-Instruct"]:
+            raise UserError("--method bitfit trains biases, and SmolLM2-135M-Instruct has none (LLaMA layers are "
+                            "bias-free): pick another method")
+        if self.method == "adalora" and self.steps < 10:
+            raise UserError(f"--method adalora needs --steps >= 10 (a warm-up, a budget phase and a final phase), "
+                            f"got {self.steps}")
         if self.method == "longlora" and self.seq_len % 8:
             raise UserError(f"--method longlora needs --seq-len divisible by 8 (group = seq_len / 4, shifted by half), "
                             f"got {self.seq_len}")
@@ -110,6 +116,12 @@ class Recipe(NamedTuple):
     eval_model: the model used for evaluation and generation.
     optimizer: the optax transformation (learning-rate schedule included).
     config: JSON-able description, saved with every checkpoint.
+    adapter: the :class:`lrj.Adapter` of ``trainable`` when it has one: its roles split off frozen
+      state (VeRA's projections), which is then neither differentiated nor optimised.
+    penalty: the weight of ``adapter.penalty`` in the objective (AdaLoRA's orthogonal regulariser).
+    post_init(trainable) -> state, post_step(trainable, grads, state, t) -> (trainable, state): run
+      after each optimizer step on that step's gradients (AdaLoRA's rank allocator, ``t`` from 0);
+      the state is checkpointed with the optimizer's.
     """
 
     trainable: Any
@@ -119,6 +131,10 @@ class Recipe(NamedTuple):
     eval_model: Any
     optimizer: optax.GradientTransformation
     config: dict
+    adapter: Any = None
+    penalty: float = 0.0
+    post_init: Callable | None = None
+    post_step: Callable | None = None
 
 
 def schedule(cfg: FinetuneConfig):
@@ -127,13 +143,32 @@ def schedule(cfg: FinetuneConfig):
 
 
 def build_adapter(cfg: FinetuneConfig, layouts):
-    return lora(rank=cfg.rank, alpha=cfg.alpha, targets=resolve_targets(cfg.targets), rslora=cfg.method == "rslora",
-                dropout=cfg.dropout, layouts=layouts)
+    """The adapter of ``cfg.method`` on ``cfg.targets`` (the adapter methods of :data:`RECIPES`)."""
+    from lowrank_jax.adapters import adalora, dora, ia3, vera
+
+    targets = resolve_targets(cfg.targets)
+    if cfg.method in ("lora", "rslora", "qlora"):
+        return lora(rank=cfg.rank, alpha=cfg.alpha, targets=targets, rslora=cfg.method == "rslora",
+                    dropout=cfg.dropout, layouts=layouts)
+    if cfg.method == "dora":
+        return dora.dora(rank=cfg.rank, alpha=cfg.alpha, targets=targets, dropout=cfg.dropout, layouts=layouts)
+    if cfg.method == "vera":
+        return vera.vera(rank=cfg.rank, targets=targets, dropout=cfg.dropout, layouts=layouts, projection_key=cfg.seed)
+    if cfg.method == "ia3":  # peft's llama default: down_proj scales its input, the others their output
+        return ia3.ia3(targets=targets, feedforward=r".*/down_proj/kernel", layouts=layouts)
+    if cfg.method == "adalora":
+        # peft's defaults init_r 12 -> target_r 8 (2/3), with a warm-up and a final phase of 10% and 20% of the run
+        return adalora.adalora(init_r=cfg.rank, target_r=max(1, 2 * cfg.rank // 3), total_step=cfg.steps,
+                               tinit=cfg.steps // 10, tfinal=cfg.steps // 5, alpha=cfg.alpha, targets=targets,
+                               dropout=cfg.dropout, layouts=layouts)
+    raise ValueError(f"{cfg.method!r} is not an adapter method")
 
 
 def lora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
-    """LoRA / rsLoRA on the (frozen) base: factored execution, gradients w.r.t. the adapter only."""
+    """An adapter method (LoRA, rsLoRA, DoRA, VeRA, IA3, AdaLoRA) on the frozen base: factored execution,
+    gradients w.r.t. the adapter's trainable leaves only."""
     from lowrank_jax import linen
+    from lowrank_jax.adapters import adalora
 
     variables = {"params": params}
     adapter = build_adapter(cfg, linen.kernel_layouts(model, jnp.zeros((1, 8), jnp.int32)))
@@ -147,8 +182,33 @@ def lora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
         return cross_entropy(logits, batch[:, 1:])
 
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule(cfg), weight_decay=0.0))
-    return Recipe(lora_params, variables, loss_fn, lambda lp: adapter.merge(variables, lp)["params"], model,
-                  optimizer, {"adapter": adapter.config})
+    recipe = Recipe(lora_params, variables, loss_fn, lambda lp: adapter.merge(variables, lp)["params"], model,
+                    optimizer, {"adapter": adapter.config}, adapter=adapter)
+    if cfg.method == "adalora":
+        allocator = adalora.adalora_allocator(adapter, lora_params)
+        recipe = recipe._replace(penalty=adapter.config["orth_reg_weight"], post_init=allocator.init,
+                                 post_step=allocator.update)
+    return recipe
+
+
+def bitfit_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
+    """BitFit: only the biases train (:func:`lrj.bitfit`)."""
+    from lowrank_jax import linen
+    from lowrank_jax.adapters.bitfit import bitfit
+
+    adapter = bitfit()
+    variables = {"params": params}
+    try:
+        trainable = adapter.init(jax.random.key(cfg.seed), variables)
+    except ValueError as e:
+        raise UserError(f"--method bitfit: {e}") from None
+
+    def loss_fn(trainable, variables, batch, rng):
+        return cross_entropy(linen.apply(model, adapter, variables, trainable, batch[:, :-1]), batch[:, 1:])
+
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule(cfg), weight_decay=0.0))
+    return Recipe(trainable, variables, loss_fn, lambda t: adapter.merge(variables, t)["params"], model, optimizer,
+                  {"adapter": adapter.config}, adapter=adapter)
 
 
 def qlora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
@@ -221,14 +281,24 @@ def galore_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
                   {"adapter": {"method": "galore", "rank": cfg.rank, "update_proj_gap": 200, "scale": 0.25}})
 
 
-#: Per-method defaults for options left unset (``None``) on the command line.
-METHOD_DEFAULTS = {"galore": {"rank": 128, "lr": 1e-4}}
+#: Per-method defaults for options left unset (``None``) on the command line: the papers' settings
+#: (VeRA r = 256; IA3 on k/v/down_proj, its llama default in peft; AdaLoRA init_r = 12).
+METHOD_DEFAULTS = {
+    "galore": {"rank": 128, "lr": 1e-4},
+    "vera": {"rank": 256, "lr": 4e-3},
+    "ia3": {"lr": 3e-3, "targets": "k_proj,v_proj,down_proj"},
+    "adalora": {"rank": 12},
+}
 
 #: method name -> recipe builder ``(cfg, model, params) -> Recipe``
 RECIPES: dict[str, Callable[..., Recipe]] = {
-    "lora": lora_recipe, "rslora": lora_recipe, "qlora": qlora_recipe, "longlora": longlora_recipe,
+    "lora": lora_recipe, "rslora": lora_recipe, "dora": lora_recipe, "vera": lora_recipe, "ia3": lora_recipe,
+    "adalora": lora_recipe, "bitfit": bitfit_recipe, "qlora": qlora_recipe, "longlora": longlora_recipe,
     "galore": galore_recipe,
 }
+
+#: Models the main job can load, and whether they have bias parameters (BitFit trains nothing without).
+MODEL_HAS_BIASES = {"SmolLM2-135M-Instruct": False}
 
 
 class Progress:
@@ -359,16 +429,21 @@ def finetune(cfg: FinetuneConfig, *, loaded=None) -> dict:
     log(f"text: {len(train_ids):,d} training tokens, {len(heldout_ids):,d} held-out tokens ({cfg.corpus})")
 
     recipe = RECIPES[cfg.method](cfg, model, params)
-    counts = trainable_summary(recipe.frozen, recipe.trainable)
+    counts = trainable_summary(recipe.frozen, recipe.trainable, adapter=recipe.adapter)
     log(counts["text"])
     optimizer = recipe.optimizer
     lora_params, variables = recipe.trainable, recipe.frozen
-    opt_state = optimizer.init(lora_params)
+    opt_state = _init_state(recipe)
+    step_update = make_train_step(recipe.loss_fn, optimizer, adapter=recipe.adapter, penalty=recipe.penalty,
+                                  return_grads=recipe.post_step is not None)
 
-    def train_step(lora_params, opt_state, variables, batch, rng):
-        loss, grads = jax.value_and_grad(recipe.loss_fn)(lora_params, variables, batch, rng)
-        updates, opt_state = optimizer.update(grads, opt_state, lora_params)
-        return optax.apply_updates(lora_params, updates), opt_state, loss
+    def train_step(lora_params, opt_state, variables, batch, rng, t):
+        state, post = opt_state if recipe.post_step is not None else (opt_state, None)
+        lora_params, state, metrics = step_update(lora_params, state, variables, batch, rng)
+        if recipe.post_step is None:
+            return lora_params, state, metrics["loss"]
+        lora_params, post = recipe.post_step(lora_params, metrics["grads"], post, t)
+        return lora_params, (state, post), metrics["loss"]
 
     run_config = {
         "model": "SmolLM2-135M-Instruct", **recipe.config, "finetune": dataclasses.asdict(cfg),
@@ -390,7 +465,8 @@ def finetune(cfg: FinetuneConfig, *, loaded=None) -> dict:
     log("compiling the train step ...")
     t0 = time.perf_counter()
     step_fn = jax.jit(train_step, donate_argnums=(0, 1))
-    compiled = step_fn.lower(lora_params, opt_state, variables, jnp.asarray(batch_at(0)), jax.random.key(0)).compile()
+    compiled = step_fn.lower(lora_params, opt_state, variables, jnp.asarray(batch_at(0)), jax.random.key(0),
+                             jnp.int32(0)).compile()
     compile_s = time.perf_counter() - t0
     memory = memory_summary(compiled)
 
@@ -412,7 +488,8 @@ def finetune(cfg: FinetuneConfig, *, loaded=None) -> dict:
             t = time.perf_counter()
             batch = jnp.asarray(batch_at(step - 1))
             lora_params, opt_state, loss = compiled(lora_params, opt_state, variables, batch,
-                                                    jax.random.fold_in(jax.random.key(cfg.seed), step))
+                                                    jax.random.fold_in(jax.random.key(cfg.seed), step),
+                                                    jnp.int32(step - 1))
             loss = float(loss)
             step_times.append(time.perf_counter() - t)
             if not math.isfinite(loss):
@@ -452,6 +529,15 @@ def finetune(cfg: FinetuneConfig, *, loaded=None) -> dict:
     os.replace(tmp, out_dir / "summary.json")
     log(f"wrote {out_dir / 'summary.json'}, {out_dir / 'loss.png'} and the adapter in {out_dir / 'checkpoints'}")
     return summary
+
+
+def _init_state(recipe: Recipe):
+    """The optimizer state, for the adapter's trainable leaves only, with the post-step state when there is one."""
+    from lowrank_jax.adapters.base import split
+
+    trainable = split(recipe.adapter, recipe.trainable)[0] if recipe.adapter is not None else recipe.trainable
+    state = recipe.optimizer.init(trainable)
+    return (state, recipe.post_init(recipe.trainable)) if recipe.post_init is not None else state
 
 
 def restore_adapter(directory: str | os.PathLike, loaded=None) -> tuple[Recipe, Any, dict, tuple]:

@@ -22,6 +22,7 @@ def make_train_step(
     adapter: base.Adapter | None = None,
     penalty: float = 0.0,
     has_aux: bool = False,
+    return_grads: bool = False,
 ):
     r"""A train step that differentiates only the adapter's trainable leaves.
 
@@ -40,7 +41,8 @@ def make_train_step(
     (the Frobenius regulariser of seed 000), computed from ``r x r`` products.
 
     Returns ``step(adapter_params, opt_state, params, batch, rng) ->
-    (adapter_params, opt_state, metrics)``, not jitted: jit it with the
+    (adapter_params, opt_state, metrics)`` (``metrics["grads"]``: the trainable part's gradients,
+    with ``return_grads``), not jitted: jit it with the
     shardings you want, e.g. ``jax.jit(step, donate_argnums=(0, 1))``.
     """
     if penalty < 0:
@@ -74,6 +76,8 @@ def make_train_step(
         metrics = {"loss": loss, "objective": total, "penalty": reg, "grad_norm": optax.tree.norm(grads)}
         if has_aux:
             metrics["aux"] = aux
+        if return_grads:  # e.g. for AdaLoRA's allocator, which runs after the step on its gradients
+            metrics["grads"] = grads
         return adapter_params, opt_state, metrics
 
     def _check_state(opt_state, trainable):

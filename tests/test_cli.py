@@ -9,6 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from lowrank_jax import cli
+from lowrank_jax import tree as tree_lib
 from lowrank_jax import finetune as ft
 
 pytest.importorskip("gguf")
@@ -75,7 +76,10 @@ def test_cli_info_merge_generate(tmp_path, loaded, capsys, monkeypatch):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["finetune", "--method", "foo"], "error: unknown method 'foo'; available: lora, rslora, qlora, longlora, galore"),
+        (["finetune", "--method", "foo"],
+         "error: unknown method 'foo'; available: lora, rslora, dora, vera, ia3, adalora, bitfit, qlora, longlora, galore"),
+        (["finetune", "--method", "bitfit"], "error: --method bitfit trains biases, and SmolLM2-135M-Instruct has none"),
+        (["finetune", "--method", "adalora", "--steps", "5"], "error: --method adalora needs --steps >= 10 .* got 5"),
         (["finetune", "--rank", "0"], "error: --rank must be a positive integer, got 0"),
         (["finetune", "--dropout", "1.5"], r"error: --dropout must be in \[0, 1\), got 1.5"),
         (["info", "/nonexistent"], "error: /nonexistent is not a finetune output directory"),
@@ -141,6 +145,33 @@ def test_other_methods_train_and_reload(tmp_path, loaded, method):
     recipe, trainable, config, _ = ft.restore_adapter(tmp_path / "run", loaded=loaded)
     assert config["finetune"]["method"] == method
     assert np.isfinite(float(jax.numpy.sum(recipe.eval_params(trainable)["norm"]["scale"])))
+
+
+#: SmolLM2 per layer: (in, out) of q, k, v, o, gate, up, down
+SMOLLM2_LINEAR = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["vera", "ia3", "adalora", "dora"])
+def test_wave_two_methods_train_and_reload(tmp_path, loaded, method):
+    steps = 10 if method == "adalora" else 2
+    summary = ft.finetune(tiny(tmp_path, method=method, steps=steps), loaded=loaded)
+    assert len(summary["losses"]) == steps and all(np.isfinite(summary["losses"]))
+    outs = sum(o for _, o in SMOLLM2_LINEAR)
+    expected = {
+        "vera": 30 * (7 * 256 + outs),  # lambda_d [r] and lambda_b [out] per target; the projections are frozen
+        "ia3": 30 * (192 + 192 + 1536),  # k, v outputs and down_proj's input
+        "adalora": 30 * sum(12 * (i + o) + 12 for i, o in SMOLLM2_LINEAR),  # a, e, b with init_r = 12
+        "dora": 30 * sum(8 * (i + o) + o for i, o in SMOLLM2_LINEAR),  # a, b and the magnitudes
+    }[method]
+    assert summary["trainable_params"] == expected
+    recipe, trainable, config, _ = ft.restore_adapter(tmp_path / "run", loaded=loaded)
+    assert config["finetune"]["method"] == method
+    if method == "adalora":  # the allocator ran in the loop: the final pattern keeps target_r = 8 of 12 ranks per target
+        kept = sum(int(np.sum(np.asarray(lv["e"]) != 0)) for _, lv in tree_lib.adapter_paths(trainable, frozenset("aeb")))
+        assert kept == 8 * 7 * 30
+    merged = recipe.eval_params(trainable)
+    assert np.isfinite(float(jax.numpy.sum(merged["layers"]["self_attn"]["k_proj"]["kernel"])))
 
 
 def test_longlora_needs_seq_len_divisible_by_8(tmp_path, capsys):
