@@ -63,7 +63,8 @@ def adapter_shardings(params, adapter_params, shardings=None, *, adapter: base.A
         if undeclared and isinstance(sharding, NamedSharding):
             raise ValueError(f"no axis roles declared for adapter leaf {undeclared[0]!r} at {path!r}; "
                              f"pass the adapter (`adapter=`) whose `roles` declare it")
-        layout = base.layout_of(path, tree_lib.shape_of(kernel), leaves, roles) if not undeclared else None
+        hint = adapter.layouts if adapter is not None else None
+        layout = base.layout_of(path, tree_lib.shape_of(kernel), leaves, roles, hint) if not undeclared else None
         ndim = len(tree_lib.shape_of(kernel))
         entry = {}
         for name in leaves:

@@ -196,6 +196,17 @@ def select_leaves(params, targets: Targets) -> list[tuple[tuple[Any, ...], str, 
     return found
 
 
+def given_layout(layouts, path: str, leaf=None) -> Layout | None:
+    """The layout ``layouts`` (``{path: Layout}`` or ``(path, leaf) -> Layout``) gives ``path``, or ``None``."""
+    if layouts is None:
+        return None
+    if callable(layouts):
+        layout = layouts(path, leaf)
+    else:  # kernel_layouts' paths are of the variables: "params/..." stands for a bare params path too
+        layout = layouts.get(path, layouts.get("params/" + path))
+    return Layout(*layout) if layout is not None else None
+
+
 def select_targets(
     params,
     targets: Targets,
@@ -209,11 +220,8 @@ def select_targets(
     found = []
     for keys, path, leaf in select_leaves(params, targets):
         shape = shape_of(leaf)
-        if callable(layouts):
-            layout = layouts(path, leaf)
-        else:  # kernel_layouts' paths are of the variables: "params/..." stands for a bare params path too
-            layout = (layouts or {}).get(path, (layouts or {}).get("params/" + path))
-        layout = Layout(*layout) if layout is not None else default_layout(keys, shape)
+        layout = given_layout(layouts, path, leaf)
+        layout = layout if layout is not None else default_layout(keys, shape)
         if layout is None:
             raise ValueError(
                 f"target {path!r} has shape {shape}: say which axes are stacked (scan) and which are inputs with "

@@ -130,3 +130,22 @@ def test_bad_inputs_name_the_value():
         ia3(targets="emb/embedding", feedforward=None).init(jax.random.key(0), {"emb": {"embedding": jnp.ones((5, 3))}})
 
 
+
+
+def test_stacked_feedforward_vector_takes_the_factory_layouts_for_shardings_and_dropout_keys():
+    """A stacked ``l_in: [L, in]`` fits two layouts of its ``[L, in, out]`` kernel; the adapter's own
+    ``layouts`` settle it for shardings (no more 'fit several layouts')."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    kernel = jnp.ones((3, 8, 6))
+    params = {"params": {"layers": {"down": {"kernel": kernel}}}}
+    layouts = {"params/layers/down/kernel": lrj.Layout(1, 1)}
+    adapter = ia3(targets=r".*/kernel", feedforward=r".*/down/kernel", layouts=layouts)
+    lp = adapter.init(jax.random.key(0), params)
+    mesh = jax.make_mesh((1, 1), ("data", "model"))
+    shardings = {"params": {"layers": {"down": {"kernel": NamedSharding(mesh, PartitionSpec(None, "model", None))}}}}
+    spec = lrj.adapter_shardings(params, lp, shardings, adapter=adapter)["params"]["layers"]["down"]["kernel"]["l_in"].spec
+    assert spec == PartitionSpec(None, "model")
+    unsettled = ia3(targets=r".*/kernel", feedforward=r".*/down/kernel")
+    with pytest.raises(ValueError, match=r"fit several layouts .* make the adapter with `layouts=`"):
+        lrj.adapter_shardings(params, lp, shardings, adapter=unsettled)

@@ -188,7 +188,7 @@ def adalora(
                   tfinal=tfinal, delta_t=delta_t, beta1=beta1, beta2=beta2, alpha=alpha,
                   orth_reg_weight=orth_reg_weight, **tree_lib.targets_config(targets), dropout=dropout)
     return base.Adapter(init_fn, apply_fn, lambda p, ap: shifted(p, ap, 1.0), lambda p, ap: shifted(p, ap, -1.0),
-                        penalty_fn, LEAVES, config, dict(ADALORA_ROLES))
+                        penalty_fn, LEAVES, config, dict(ADALORA_ROLES), layouts)
 
 
 def _frobenius(x):

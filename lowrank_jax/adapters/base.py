@@ -70,6 +70,8 @@ class Adapter(NamedTuple):
       ``b = Leaf(("stack", "rank", "out"))``; DoRA adds ``m = Leaf(("stack", "out"))``.
       Sharding, dropout keys, :func:`split`, summaries and export derive from these
       roles, not from leaf names.
+    layouts: the ``layouts`` the adapter was made with (``{path: Layout}`` or a callable); they
+      settle a target's layout where its leaves fit several (IA3's stacked ``[L, in]`` vector).
     """
 
     init: Callable
@@ -80,6 +82,7 @@ class Adapter(NamedTuple):
     leaf_names: frozenset
     config: dict
     roles: dict | None = None
+    layouts: Any = None
 
 
 class Leaf(NamedTuple):
@@ -139,7 +142,7 @@ def roles_of(adapter: Adapter) -> dict[str, Leaf]:
     return out
 
 
-def layout_of(path: str, kernel_shape, leaves: dict, roles: dict) -> tree_lib.Layout:
+def layout_of(path: str, kernel_shape, leaves: dict, roles: dict, layouts=None) -> tree_lib.Layout:
     """The kernel layout that every leaf's shape fits, given the leaves' axis roles.
 
     Each leaf of a target must have, on each ``"stack"``/``"in"``/``"out"`` axis of its
@@ -158,6 +161,9 @@ def layout_of(path: str, kernel_shape, leaves: dict, roles: dict) -> tree_lib.La
             fits.append(layout)
     if len(fits) == 1:
         return fits[0]
+    given = tree_lib.given_layout(layouts, path)
+    if given is not None and given in fits:
+        return given
     shapes = {n: _shape(v) for n, v in leaves.items()}
     patterns = {n: _pattern(roles[n]) for n in leaves}
     if not fits:
@@ -165,7 +171,8 @@ def layout_of(path: str, kernel_shape, leaves: dict, roles: dict) -> tree_lib.La
             f"adapter leaves for {path!r} do not fit the parameter: kernel {kernel_shape}, leaves {shapes} "
             f"(expected {patterns} over [*stack, *inputs, *outputs]); is this adapter from another model?"
         )
-    raise ValueError(f"adapter leaves {shapes} for {path!r} fit several layouts of kernel {kernel_shape}: {fits}")
+    raise ValueError(f"adapter leaves {shapes} for {path!r} fit several layouts of kernel {kernel_shape}: {fits}; "
+                     f"make the adapter with `layouts=` (lrj.linen.kernel_layouts) to settle it")
 
 
 def role_dims(layout: tree_lib.Layout, kernel_axes) -> dict:
@@ -317,7 +324,8 @@ def dropout_keys(rng, index: int, path: str, kernel, leaves: dict, adapter: Adap
     """The dropout key(s) of target number ``index``: one per stacked (scanned) layer, so that
     ``nn.scan``/``nnx.scan`` slice them with the kernel; the stack comes from the leaves' roles."""
     roles = roles_of(adapter) if adapter.roles else LORA_ROLES
-    stack = tuple(tree_lib.shape_of(kernel)[: layout_of(path, tree_lib.shape_of(kernel), leaves, roles).stack])
+    layout = layout_of(path, tree_lib.shape_of(kernel), leaves, roles, adapter.layouts)
+    stack = tuple(tree_lib.shape_of(kernel)[: layout.stack])
     key = jax.random.fold_in(rng, index)
     return jax.random.split(key, tree_lib.prod(stack)).reshape(stack) if stack else key
 

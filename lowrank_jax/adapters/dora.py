@@ -163,7 +163,7 @@ def dora(
 
     config = {**inner.config, "method": "dora", "detach_norm": detach_norm}
     return base.Adapter(init_fn, apply_fn, merge_fn, unmerge_fn, penalty_fn, names, config,
-                        {**base.LORA_ROLES, "m": base.Leaf(("stack", "out"))})
+                        {**base.LORA_ROLES, "m": base.Leaf(("stack", "out"))}, layouts)
 
 
 def _expand(m, axes):

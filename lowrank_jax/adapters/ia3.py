@@ -150,4 +150,4 @@ def ia3(
                   feedforward=tree_lib.targets_config(feedforward)["targets"] if feedforward is not None else None,
                   dropout=float(dropout))
     return base.Adapter(init_fn, apply_fn, lambda p, ap: scaled(p, ap, False), lambda p, ap: scaled(p, ap, True),
-                        penalty_fn, names, config, dict(IA3_ROLES))
+                        penalty_fn, names, config, dict(IA3_ROLES), layouts)

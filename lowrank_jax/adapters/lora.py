@@ -371,7 +371,8 @@ def lora(
     )
     if ga is not None:
         config["lora_ga"] = ga._asdict()
-    adapter = base.Adapter(init_fn, apply_fn, merge_fn, unmerge_fn, penalty_fn, frozenset("ab"), config, dict(base.LORA_ROLES))
+    adapter = base.Adapter(init_fn, apply_fn, merge_fn, unmerge_fn, penalty_fn, frozenset("ab"), config,
+                           dict(base.LORA_ROLES), layouts)
     return adapter if bias == "none" else _with_biases(adapter, bias)
 
 

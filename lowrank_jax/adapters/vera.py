@@ -135,4 +135,4 @@ def vera(rank: int = 256, targets: tree_lib.Targets = r".*/kernel", *, d_initial
 
     config = dict(method="vera", rank=rank, d_initial=d_initial, projection_key=projection_key, dropout=float(dropout),
                   **tree_lib.targets_config(targets))
-    return base.Adapter(init_fn, apply_fn, merge_fn, unmerge_fn, penalty_fn, names, config, dict(ROLES))
+    return base.Adapter(init_fn, apply_fn, merge_fn, unmerge_fn, penalty_fn, names, config, dict(ROLES), layouts)
