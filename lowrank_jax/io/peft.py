@@ -10,7 +10,13 @@ weight ``[out, in]``):
   at ``.../bias``), a LoRA-targeted layer's as ``<name>.base_layer.bias``, any other as ``<name>.bias``
   (peft <= 0.20 dropped the ``lora_only`` ones on saving; peft 0.21 and this module keep them);
 - IA3 (``peft_type: "IA3"``, :func:`lrj.ia3`): ``base_model.model.<name>.ia3_l``, ``[out, 1]`` for an
-  ordinary target (ours ``l_out: [out]``) and ``[1, in]`` for a ``feedforward_modules`` one (ours ``l_in: [in]``).
+  ordinary target (ours ``l_out: [out]``) and ``[1, in]`` for a ``feedforward_modules`` one (ours ``l_in: [in]``);
+- VeRA (``peft_type: "VERA"``, :func:`lrj.vera`): ``base_model.model.<name>.vera_lambda_d`` ``[r]`` and
+  ``...vera_lambda_b`` ``[out]`` per module (ours ``lambda_d``/``lambda_b``), and the shared projections once,
+  ``base_model.vera_A``: ``[r, max_in]`` = ``vera_a.T`` and ``base_model.vera_B``: ``[max_out, r]`` = ``vera_b.T``
+  (ours at the tree's ``lrj.tree.SHARED``). peft sizes them by the largest targeted module, so they are written
+  cut to that size; a directory saved with ``save_projection=False`` has none and cannot be loaded (peft
+  draws them from torch's RNG).
 
 N-D kernels are flattened to ``[prod(in), prod(out)]`` row-major (how a torch
 ``Linear`` sees a ``[D, N, H]`` projection), and scan-stacked kernels are split
@@ -21,7 +27,7 @@ axis, or ``None``); :func:`llama_module_name` (from :mod:`lowrank_jax.io.hf_name
 of ``.../kernel``); a stacked bias's stack is its kernel's, or all but its last axis.
 
 Reference matched: peft's ``save_pretrained`` / ``PeftModel.from_pretrained``
-for ``LoraConfig`` and ``IA3Config`` (tested against directories written by peft 0.21.2).
+for ``LoraConfig``, ``IA3Config`` and ``VeraConfig`` (tested against directories written by peft 0.21.2).
 """
 
 from __future__ import annotations
@@ -39,12 +45,15 @@ from lowrank_jax.adapters import base
 from lowrank_jax.adapters import scale as scale_lib
 from lowrank_jax.adapters.ia3 import IA3_ROLES, ia3
 from lowrank_jax.adapters.lora import lora
+from lowrank_jax.adapters.vera import ROLES as VERA_ROLES, vera
 from lowrank_jax.io.hf_names import llama_module_name as llama_module_name  # re-exported
 
 __all__ = ["save_peft", "load_peft", "llama_module_name"]
 
 PREFIX = "base_model.model."
 BIAS_LEAF = "w"  # the leaf of a trained bias (lrj.full_finetune)
+VERA_OWN = {n: leaf for n, leaf in VERA_ROLES.items() if not leaf.shared}  # per-target leaves (lambda_d, lambda_b)
+VERA_SHARED = {"vera_a": "vera_A", "vera_b": "vera_B"}  # ours -> peft's (base_model.<name>, transposed)
 
 
 def _bias_mode(adapter: base.Adapter) -> str:
@@ -127,11 +136,14 @@ def save_peft(directory: str | os.PathLike, adapter: base.Adapter, params, adapt
               layouts=None) -> pathlib.Path:
     """Writes ``adapter_params`` as a peft adapter directory that ``PeftModel.from_pretrained`` loads.
 
-    LoRA (``lrj.lora``, with its trained biases under ``bias=``) or IA3 (``lrj.ia3``); ``layouts``
-    (optional, as given to the adapter) settles a stacked kernel's layout where its leaves fit several.
+    LoRA (``lrj.lora``, with its trained biases under ``bias=``), IA3 (``lrj.ia3``) or VeRA (``lrj.vera``,
+    written with its shared projections: ``save_projection=True``); ``layouts`` (optional, as given to
+    the adapter) settles a stacked kernel's layout where its leaves fit several.
     """
-    if adapter.config.get("method") == "ia3":
-        return _save_ia3(directory, adapter, params, adapter_params, module_name, base_model_name_or_path, task_type, layouts)
+    savers = {"ia3": _save_ia3, "vera": _save_vera}
+    if adapter.config.get("method") in savers:
+        return savers[adapter.config["method"]](directory, adapter, params, adapter_params, module_name,
+                                                base_model_name_or_path, task_type, layouts)
     cfg = adapter.config
     missing = [k for k in ("rank", "alpha", "alpha_pattern", "rslora", "dropout") if k not in cfg]
     if missing:
@@ -173,18 +185,23 @@ def save_peft(directory: str | os.PathLike, adapter: base.Adapter, params, adapt
     return _write(directory, tensors, config)
 
 
+def _target_layers(params, adapter_params, roles: dict, layouts, module_name):
+    """``(torch module name, path, (ins, outs), {leaf: float32 vector})`` per target of ``adapter_params`` and
+    stacked layer; each leaf is flattened past the stack axes."""
+    for keys, path, kernel, leaves in base.resolve_targets(adapter_params, params, frozenset(roles)):
+        layout = _layout(params, path, kernel, leaves, roles, layouts)
+        stack, ins, outs = layout.split(tree_lib.shape_of(kernel))
+        flat = {n: np.asarray(v, np.float32).reshape(*stack, -1) for n, v in leaves.items()}
+        for index, layer in _layers(tuple(stack)):
+            yield module_name(path, layer), path, (ins, outs), {n: v if index is None else v[index] for n, v in flat.items()}
+
+
 def _save_ia3(directory, adapter, params, adapter_params, module_name, base_model_name_or_path, task_type, layouts):
     tensors, kinds = {}, {}
-    for keys, path, kernel, leaves in base.resolve_targets(adapter_params, params, frozenset(IA3_ROLES)):
-        (leaf, vec), = leaves.items()
-        layout = _layout(params, path, kernel, leaves, IA3_ROLES, layouts)
-        stack = tuple(tree_lib.shape_of(kernel)[: layout.stack])
-        vec = np.asarray(vec, np.float32).reshape(*stack, -1)
-        for index, layer in _layers(stack):
-            name = module_name(path, layer)
-            v = vec if index is None else vec[index]
-            tensors[f"{PREFIX}{name}.ia3_l"] = np.ascontiguousarray(v[None, :] if leaf == "l_in" else v[:, None])
-            kinds.setdefault(name.rsplit(".", 1)[-1], set()).add(leaf)
+    for name, _, _, leaves in _target_layers(params, adapter_params, IA3_ROLES, layouts, module_name):
+        (leaf, v), = leaves.items()
+        tensors[f"{PREFIX}{name}.ia3_l"] = np.ascontiguousarray(v[None, :] if leaf == "l_in" else v[:, None])
+        kinds.setdefault(name.rsplit(".", 1)[-1], set()).add(leaf)
     mixed = sorted(k for k, v in kinds.items() if len(v) > 1)
     if mixed:
         raise ValueError(f"cannot export: peft names IA3 modules by suffix, and {mixed} are feedforward targets in some "
@@ -194,6 +211,44 @@ def _save_ia3(directory, adapter, params, adapter_params, module_name, base_mode
         "target_modules": sorted(kinds), "feedforward_modules": sorted(k for k, v in kinds.items() if "l_in" in v),
         "fan_in_fan_out": False, "init_ia3_weights": True, "inference_mode": True, "modules_to_save": None,
         "exclude_modules": None,
+    }
+    return _write(directory, tensors, config)
+
+
+def _check_vera_fits(path: str, ins, outs, max_in: int, max_out: int, where) -> None:
+    n_in, n_out = tree_lib.prod(ins), tree_lib.prod(outs)
+    if n_in > max_in or n_out > max_out:
+        raise ValueError(f"{where}: VeRA target {path!r} ({n_in} in, {n_out} out) is larger than the shared projections "
+                         f"(max_in {max_in}, max_out {max_out}): they were made for other layers")
+
+
+def _save_vera(directory, adapter, params, adapter_params, module_name, base_model_name_or_path, task_type, layouts):
+    cfg = adapter.config
+    shared = tree_lib.shared_of(adapter_params)
+    if set(VERA_SHARED) - set(shared):
+        raise ValueError(f"cannot export VeRA: the adapter tree lacks the shared projections {sorted(VERA_SHARED)} "
+                         f"at {tree_lib.SHARED!r} (has {sorted(shared)})")
+    a, b = (np.asarray(shared[n], np.float32) for n in VERA_SHARED)  # [max_in, r], [r, max_out]
+    tensors, modules, sizes = {}, set(), []
+    for name, path, (ins, outs), leaves in _target_layers(params, adapter_params, VERA_OWN, layouts, module_name):
+        _check_vera_fits(path, ins, outs, a.shape[0], b.shape[1], "cannot export")
+        sizes.append((tree_lib.prod(ins), tree_lib.prod(outs)))
+        for leaf in VERA_OWN:
+            tensors[f"{PREFIX}{name}.vera_{leaf}"] = np.ascontiguousarray(leaves[leaf])
+        modules.add(name.rsplit(".", 1)[-1])
+    if not sizes:
+        raise ValueError("cannot export VeRA: the adapter tree has no targets")
+    # peft allocates vera_A [r, max_in] / vera_B [max_out, r] from the largest targeted module and loads the saved
+    # ones into exactly those shapes: write the top-left corner every target slices, nothing more
+    max_in, max_out = max(i for i, _ in sizes), max(o for _, o in sizes)
+    tensors["base_model.vera_A"] = np.ascontiguousarray(a[:max_in].T)
+    tensors["base_model.vera_B"] = np.ascontiguousarray(b[:, :max_out].T)
+    config = {
+        "peft_type": "VERA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "r": int(a.shape[1]), "target_modules": sorted(modules), "projection_prng_key": int(cfg.get("projection_key", 0)),
+        "save_projection": True, "vera_dropout": float(cfg.get("dropout", 0.0)), "d_initial": float(cfg.get("d_initial", 0.1)),
+        "fan_in_fan_out": False, "bias": "none", "init_weights": True, "inference_mode": True, "modules_to_save": None,
+        "layers_to_transform": None, "layers_pattern": None, "revision": None,
     }
     return _write(directory, tensors, config)
 
@@ -274,21 +329,22 @@ def _restack(grouped: dict, shape_of: Callable, weights_path) -> dict:
 
 def load_peft(directory: str | os.PathLike, params, *, layouts=None,
               module_name: Callable[[str, int | None], str] = llama_module_name):
-    """``(adapter, adapter_params)`` from a peft LoRA (trained biases included) or IA3 directory, for the
-    Flax ``params`` it adapts.
+    """``(adapter, adapter_params)`` from a peft LoRA (trained biases included), IA3 or VeRA directory, for
+    the Flax ``params`` it adapts.
 
     Raises ``ValueError`` for other peft types or DoRA, for modules that do not exist in
-    ``params``, and for shapes that do not fit.
+    ``params``, for shapes that do not fit, and for a VeRA directory without its projections.
     """
     from safetensors.numpy import load_file
 
     config, weights_path = _read(directory)
-    if config.get("peft_type") not in ("LORA", "IA3") or config.get("use_dora"):
-        raise ValueError(f"{weights_path.parent / 'adapter_config.json'}: only plain LoRA adapters are supported (and IA3), "
+    if config.get("peft_type") not in ("LORA", "IA3", "VERA") or config.get("use_dora"):
+        raise ValueError(f"{weights_path.parent / 'adapter_config.json'}: only plain LoRA adapters are supported (and IA3, VeRA), "
                          f"got peft_type={config.get('peft_type')!r}, use_dora={config.get('use_dora')}")
     tensors = load_file(str(weights_path))
-    if config["peft_type"] == "IA3":
-        return _load_ia3(config, tensors, weights_path, params, layouts, module_name)
+    loaders = {"IA3": _load_ia3, "VERA": _load_vera}
+    if config["peft_type"] in loaders:
+        return loaders[config["peft_type"]](config, tensors, weights_path, params, layouts, module_name)
     bias = config.get("bias", "none") or "none"
     by_name, bias_modules = _modules(params, layouts, module_name)
     shapes = {keys: tree_lib.shape_of(leaf) for keys, _, leaf, _, _ in by_name.values()}
@@ -335,15 +391,22 @@ def _peft_feedforward(config: dict, name: str) -> bool:
     return any(name.endswith(t) for t in ff)
 
 
-def _load_ia3(config, tensors, weights_path, params, layouts, module_name):
+def _module_tensors(tensors: dict, suffix: str, weights_path, params, layouts, module_name):
+    """``(key, value, match, keys, path, kernel, index, (stack, ins, outs))`` per tensor ``<PREFIX><name>.<suffix>``
+    (``suffix`` a regex; ``match.group(1)`` is the module name), raising for any other tensor or unknown module."""
     by_name, _ = _modules(params, layouts, module_name)
-    grouped, stacks, feedforward = {}, {}, set()
     for key, value in tensors.items():
-        m = re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.ia3_l", key)
+        m = re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.{suffix}", key)
         if not m:
             raise ValueError(f"{weights_path}: unexpected tensor {key!r}")
         keys, path, leaf, layout, index = _module(by_name, m.group(1), weights_path)
-        stack, ins, outs = layout.split(tree_lib.shape_of(leaf))
+        yield key, value, m, keys, path, leaf, index, layout.split(tree_lib.shape_of(leaf))
+
+
+def _load_ia3(config, tensors, weights_path, params, layouts, module_name):
+    grouped, stacks, feedforward = {}, {}, set()
+    for key, value, m, keys, path, leaf, index, (stack, ins, outs) in _module_tensors(
+            tensors, "ia3_l", weights_path, params, layouts, module_name):
         ff = _peft_feedforward(config, m.group(1))
         want = (1, tree_lib.prod(ins)) if ff else (tree_lib.prod(outs), 1)
         if tuple(value.shape) != want:
@@ -357,3 +420,41 @@ def _load_ia3(config, tensors, weights_path, params, layouts, module_name):
     adapter = ia3(targets=[re.escape(tree_lib.path_str(k)) for k in out], feedforward=sorted(feedforward) or None,
                   layouts=layouts)
     return adapter, tree_lib.nest({k: {n: np.asarray(v, np.float32) for n, v in lv.items()} for k, lv in out.items()})
+
+
+
+def _load_vera(config, tensors, weights_path, params, layouts, module_name):
+    tensors = dict(tensors)
+    projections = {ours: tensors.pop(f"base_model.{theirs}", None) for ours, theirs in VERA_SHARED.items()}
+    if any(v is None for v in projections.values()):
+        raise ValueError(
+            f"{weights_path}: no shared projections (base_model.vera_A / base_model.vera_B; the adapter was saved with "
+            f"save_projection={config.get('save_projection')}): peft draws them from torch's RNG "
+            f"(projection_prng_key={config.get('projection_prng_key')}), which JAX cannot regenerate; "
+            f"save it again with save_projection=True")
+    a, b = projections["vera_a"].T, projections["vera_b"].T  # ours: [max_in, r], [r, max_out]
+    r = int(config["r"])
+    if a.shape[1] != r or b.shape[0] != r:
+        raise ValueError(f"{weights_path}: vera_A {tuple(a.T.shape)} / vera_B {tuple(b.T.shape)} do not have the "
+                         f"config's rank r={r}")
+    grouped, stacks = {}, {}
+    for key, value, m, keys, path, leaf, index, (stack, ins, outs) in _module_tensors(
+            tensors, "vera_(lambda_d|lambda_b)", weights_path, params, layouts, module_name):
+        _check_vera_fits(path, ins, outs, a.shape[0], b.shape[1], weights_path)
+        shape = (r,) if m.group(2) == "lambda_d" else tuple(outs)
+        if value.size != tree_lib.prod(shape):
+            raise ValueError(f"{weights_path}: {key} has shape {tuple(value.shape)}; kernel {tree_lib.shape_of(leaf)} "
+                             f"needs {tree_lib.prod(shape)} values (only Linear layers are supported)")
+        grouped.setdefault(keys, {}).setdefault(index, {})[m.group(2)] = value.reshape(shape)
+        stacks[keys] = stack
+    for keys, per_layer in grouped.items():
+        for index, leaves in per_layer.items():
+            if set(leaves) != set(VERA_OWN):
+                raise ValueError(f"{weights_path}: {tree_lib.path_str(keys)} (layer {index}) has only {sorted(leaves)}")
+    out = _restack(grouped, stacks.__getitem__, weights_path)
+    adapter = vera(rank=r, targets=[re.escape(tree_lib.path_str(k)) for k in out],
+                   d_initial=float(config.get("d_initial", 0.1)), projection_key=int(config.get("projection_prng_key") or 0),
+                   dropout=float(config.get("vera_dropout") or 0.0), layouts=layouts)
+    tree = tree_lib.nest({k: {n: np.asarray(v, np.float32) for n, v in lv.items()} for k, lv in out.items()})
+    tree[tree_lib.SHARED] = {"vera_a": np.asarray(a, np.float32), "vera_b": np.asarray(b, np.float32)}
+    return adapter, tree
