@@ -53,6 +53,7 @@ import numpy as np
 import optax
 
 import lowrank_jax as lrj
+from _llama_common import cost, count_params, cross_entropy, load  # benchmarks/_llama_common.py
 from _machine import machine  # benchmarks/_machine.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dora.json"
@@ -104,40 +105,12 @@ class Variant:
     baseline: bool = False
 
 
-def count_params(tree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
-def load(cfg: Config):
-    """``(description, config, params, batch)``: SmolLM2 and Shakespeare tokens, or a tiny random LLaMA."""
-    from lowrank_jax.models.llama import LlamaConfig, LlamaForCausalLM
-
-    if cfg.tiny:
-        config = LlamaConfig.tiny(scan_layers=True, num_hidden_layers=3)
-        params = LlamaForCausalLM(config).init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"]
-        batch = jax.random.randint(jax.random.key(2), (cfg.batch, cfg.seq + 1), 0, config.vocab_size, jnp.int32)
-        return "tiny random LLaMA (LlamaConfig.tiny, 3 scanned layers), random tokens", config, params, batch
-    from lowrank_jax import finetune
-    from lowrank_jax.io import gguf, tokenizer
-
-    config, params = gguf.load_smollm2(scan_layers=True)
-    fcfg = finetune.FinetuneConfig(batch=cfg.batch, seq_len=cfg.seq, steps=1, eval_tokens=256, eval_window=256)
-    train, _ = finetune.load_text_tokens(fcfg, tokenizer.smollm2_tokenizer(), cfg.batch * (cfg.seq + 1))
-    batch = jnp.asarray(finetune.batches(train, fcfg)(0))
-    return ("SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32), Shakespeare tokens", config, params, batch)
-
-
 def make_optimizer():
     from lowrank_jax import finetune
 
     main_job = finetune.FinetuneConfig()
     main_job.validate()  # fills the LoRA family's defaults (lr 1e-3)
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(finetune.schedule(main_job), weight_decay=0.0))
-
-
-def cross_entropy(logits, targets):
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
 
 
 def functional_step(loss_fn: Callable, optimizer) -> Callable:
@@ -218,13 +191,6 @@ def variants(cfg: Config, config, params) -> list[Variant]:
     return out
 
 
-def _cost(compiled) -> dict:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0]
-    return cost or {}
-
-
 def compile_stats(v: Variant, batch, rng, layers: int):
     t0 = time.perf_counter()
     compiled = jax.jit(v.step, donate_argnums=(0, 1)).lower(v.trainable, v.opt_state, v.frozen, batch, rng).compile()
@@ -232,7 +198,7 @@ def compile_stats(v: Variant, batch, rng, layers: int):
     mem = compiled.memory_analysis()
     stats = {
         "variant": v.name, "baseline": v.baseline, "trainable_params": v.trainable_params,
-        "flops": float(_cost(compiled).get("flops", float("nan"))),
+        "flops": float(cost(compiled).get("flops", float("nan"))),
         "argument_bytes": int(mem.argument_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
         "output_bytes": int(mem.output_size_in_bytes), "alias_bytes": int(mem.alias_size_in_bytes),
         "compile_s": compile_s,
@@ -241,7 +207,7 @@ def compile_stats(v: Variant, batch, rng, layers: int):
     if v.unrolled_step is not None:
         # unscanned 1- and 2-block twins: f(L) = f(1) + (L - 1) (f(2) - f(1)), every block counted
         t0 = time.perf_counter()
-        f1, f2 = (float(_cost(jax.jit(step).lower(*args).compile()).get("flops", float("nan")))
+        f1, f2 = (float(cost(jax.jit(step).lower(*args).compile()).get("flops", float("nan")))
                   for step, args in zip(v.unrolled_step, v.unrolled_args))
         stats["flops_unscanned_1_2_blocks"] = [f1, f2]
         stats["flops_unrolled"] = f1 + (layers - 1) * (f2 - f1)

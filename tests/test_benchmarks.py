@@ -127,3 +127,24 @@ def test_bench_lora_fa_tiny(tmp_path, capsys):
     assert frozen["jaxpr_factor_grad_dots"] == 2 == old["jaxpr_factor_grad_dots"] // 2  # dB only, 2 layers
     assert frozen["trainable_params"] == 2 * 4 * 64 and base["trainable_params"] == 2 * 2 * 4 * 64
     np.testing.assert_allclose(frozen["loss"], base["loss"], rtol=1e-6)  # b = 0 at init: same loss
+
+
+def test_bench_methods_tiny(tmp_path, capsys):
+    bench_m = load("bench_methods")
+    out = tmp_path / "methods.json"
+    argv = ["--tiny", "--batch", "1", "--seq", "8", "--runs", "1", "--warmup", "0", "--methods", "bitfit,lora_fa"]
+    assert bench_m.main([*argv, "--out", str(out)]) == 0
+    assert "| method" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    rows = {r["key"]: r for r in result["rows"]}
+    assert list(rows) == ["lora", "bitfit", "lora_fa"]
+    lora, fa = rows["lora"], rows["lora_fa"]
+    assert rows["bitfit"]["status"] == "n/a (no biases)"  # the tiny LLaMA, like SmolLM2, has no bias
+    # attention preset, 3 layers, hidden 64, kv 32: r (in + out) per q, k, v, o
+    assert lora["trainable_params"] == 3 * 8 * ((64 + 64) + 2 * (64 + 32) + (64 + 64))
+    assert fa["trainable_params"] == 3 * 8 * (64 + 32 + 32 + 64) and fa["frozen_adapter_params"] == 3 * 8 * 64 * 4
+    assert lora["params_x_lora"] == lora["flops_x_lora"] == lora["time_x_lora"] == 1.0
+    for r in (lora, fa):
+        assert r["flops"] > r["flops_scanned"] > 0 and r["temp_bytes"] > 0 and r["time_s"] > 0
+        np.testing.assert_allclose(r["loss_step0"], lora["loss_step0"], rtol=1e-6)  # all start from the base model
+    assert fa["flops"] < lora["flops"]  # no gradient of the frozen a
