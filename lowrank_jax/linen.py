@@ -62,12 +62,15 @@ def _bias(module):
     return None
 
 
+#: The layer families this bridge adapts directly (:func:`lrj.sites.build`).
+_FAMILIES = (
+    (nn.Embed, "embed"), (nn.Dense, "dense"), (nn.DenseGeneral, "dense_general"),
+    (nn.Einsum, "einsum"), (nn.Conv, "conv"),
+)
+
+
 def _family(module) -> str:
-    for cls, family in ((nn.Embed, "embed"), (nn.Dense, "dense"), (nn.DenseGeneral, "dense_general"),
-                        (nn.Einsum, "einsum"), (nn.Conv, "conv")):
-        if isinstance(module, cls):
-            return family
-    raise TypeError(f"not a layer the bridge adapts: {type(module).__name__}")
+    return sites.family_of(module, _FAMILIES)
 
 
 def _site_input(module, kind: str, args, kwargs, kernel):

@@ -59,12 +59,15 @@ def _kernel_name(module) -> str | None:
     return None
 
 
+#: The layer families this bridge adapts directly (:func:`lrj.sites.build`).
+_FAMILIES = (
+    (fnnx.Embed, "embed"), (fnnx.Linear, "dense"), (fnnx.LinearGeneral, "dense_general"),
+    (fnnx.Einsum, "einsum"), (fnnx.Conv, "conv"),
+)
+
+
 def _family(module) -> str:
-    for cls, family in ((fnnx.Embed, "embed"), (fnnx.Linear, "dense"), (fnnx.LinearGeneral, "dense_general"),
-                        (fnnx.Einsum, "einsum"), (fnnx.Conv, "conv")):
-        if isinstance(module, cls):
-            return family
-    raise TypeError(f"not a layer the bridge adapts: {type(module).__name__}")
+    return sites.family_of(module, _FAMILIES)
 
 
 def _site_input(module, kind: str, args, kwargs, kernel):
@@ -117,7 +120,7 @@ def _run(module, kind: str, original, args, kwargs):
 
 
 def _is_known(cls: type) -> bool:
-    return issubclass(cls, (fnnx.Embed, fnnx.Linear, fnnx.LinearGeneral, fnnx.Einsum, fnnx.Conv))
+    return issubclass(cls, tuple(layer for layer, _ in _FAMILIES))
 
 
 def _run_unknown(module, original, args, kwargs):

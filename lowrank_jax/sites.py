@@ -118,6 +118,14 @@ def build(family: str, kind: str, x, kernel, *, dtype=None, bias=None, axis=None
     raise ValueError(f"unknown layer family {family!r}")
 
 
+def family_of(module, families) -> str:
+    """The family of ``module`` from a bridge's ``((layer class, family), ...)`` table."""
+    for cls, family in families:
+        if isinstance(module, cls):
+            return family
+    raise TypeError(f"not a layer the bridge adapts: {type(module).__name__}")
+
+
 def conv_inputs(module) -> int:
     """Input axes of a Conv kernel ``[*window, in, out]``: the window's and ``in``."""
     size = module.kernel_size
