@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -54,6 +53,7 @@ import optax
 
 import lowrank_jax as lrj
 from _llama_common import cost, count_params, cross_entropy, load  # benchmarks/_llama_common.py
+from _report import markdown_table, write_json  # benchmarks/_report.py
 from _machine import machine  # benchmarks/_machine.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dora.json"
@@ -280,10 +280,7 @@ def format_table(rows: list[dict]) -> str:
             ff = f"{r['flops_x_full']:.3f}" + (f" ({r['flops_unrolled_x_full']:.3f})" if "flops_unrolled_x_full" in r else "")
             cells += [ff, f"{r['total_x_full']:.3f}", f"{r['time_x_full']:.3f}"]
         lines.append(cells)
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([fmt(header), sep, *(fmt(line) for line in lines)])
+    return markdown_table(header, lines)
 
 
 def loss_check(rows: list[dict]) -> dict:
@@ -314,9 +311,7 @@ def run(cfg: Config, *, out: Path | None = RESULTS, command: str | None = None) 
         "notes": [LOOP_NOTE] if cfg.unrolled else ["GFLOP: XLA counts the scan body once (unrolled count skipped)"],
         "wall_s": time.perf_counter() - t_start,
     }
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     return result
 
 

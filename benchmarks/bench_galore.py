@@ -54,6 +54,7 @@ import numpy as np
 import optax
 
 import lowrank_jax.optim as lo
+from _report import write_json  # benchmarks/_report.py
 from _machine import machine  # benchmarks/_machine.py
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -322,9 +323,7 @@ def run(cfg: Config, *, out: Path | None = RESULTS, command: str | None = None, 
     if with_parity:
         result["parity"] = parity()
     result["load_average"]["end"] = os.getloadavg()
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     return result
 
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 import statistics
@@ -60,6 +59,7 @@ import optax
 from flax import nnx
 
 import lowrank_jax as lrj
+from _report import add_size_flags, markdown_table, memory_bytes, with_sizes, write_json  # benchmarks/_report.py
 from _machine import machine  # benchmarks/_machine.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lora.json"
@@ -396,12 +396,6 @@ def run_torch(cfg: Config) -> tuple[list[dict], str | None]:
     return rows, None
 
 
-def _mem(r: dict, which: str) -> int:
-    if which == "temp+out":
-        return r["temp_bytes"] + r["output_bytes"]
-    return r["argument_bytes"] + r["temp_bytes"] + r["output_bytes"] - r["alias_bytes"]  # "total"
-
-
 def add_ratios(rows: list[dict]) -> list[dict]:
     """Adds ``*_ratio`` fields: each row against its family's baseline (full FT) row."""
     base = {r["family"]: r for r in rows if r["baseline"]}
@@ -416,8 +410,8 @@ def add_ratios(rows: list[dict]) -> list[dict]:
         r["time_ratio_min"] = min(r["times_s"]) / min(b["times_s"])
         if "flops" in r:
             r["flops_ratio"] = r["flops"] / b["flops"]
-            r["mem_ratio"] = _mem(r, "temp+out") / _mem(b, "temp+out")
-            r["total_mem_ratio"] = _mem(r, "total") / _mem(b, "total")
+            r["mem_ratio"] = memory_bytes(r, "temp+out") / memory_bytes(b, "temp+out")
+            r["total_mem_ratio"] = memory_bytes(r, "total") / memory_bytes(b, "total")
             r["temp_ratio"] = r["temp_bytes"] / b["temp_bytes"] if b["temp_bytes"] else float("nan")
         if "flops_unrolled" in r and "flops_unrolled" in b:
             r["flops_unrolled_ratio"] = r["flops_unrolled"] / b["flops_unrolled"]
@@ -442,14 +436,11 @@ def format_table(rows: list[dict]) -> str:
         lines.append((
             r["family"], r["variant"], gflop, ratio,
             mib(r["temp_bytes"]) if xla else "-", mib(r["output_bytes"]) if xla else "-", f("{:.3f}", "mem_ratio"),
-            mib(_mem(r, "total")) if xla else "-", f("{:.3f}", "total_mem_ratio"),
+            mib(memory_bytes(r, "total")) if xla else "-", f("{:.3f}", "total_mem_ratio"),
             str(r["square_dots"]) if xla else "-", f"{1e3 * r['time_s']:.0f}", f("{:.3f}", "time_ratio"),
             f("{:.3f}", "time_ratio_min"),
         ))
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([fmt(header), sep, *(fmt(line) for line in lines)])
+    return markdown_table(header, lines)
 
 
 def check_expectations(rows: list[dict]) -> list[str]:
@@ -504,10 +495,12 @@ def run(cfg: Config, *, torch: bool = True, out: Path | None = RESULTS, command:
         "checks": check_expectations(rows) if _default_shapes(cfg) else
         ["checks skipped: the bounds (ARCHITECTURE.md principles 4-5) apply to the default sizes"],
     }
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    write_json(out, result)
     return result
+
+
+#: The config fields the command line can override.
+SIZES = ("d", "layers", "batch", "seq", "rank", "runs", "warmup")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -515,12 +508,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help=f"{QUICK.warmup} warm-up + {QUICK.runs} timed runs")
     p.add_argument("--no-torch", action="store_true", help="skip the torch/peft rows")
     p.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
-    for field in ("d", "layers", "batch", "seq", "rank", "runs", "warmup"):
-        p.add_argument(f"--{field}", type=int, default=None)
+    add_size_flags(p, SIZES)
     a = p.parse_args(argv)
     cfg = QUICK if a.quick else FULL
-    cfg = dataclasses.replace(cfg, **{k: v for k in ("d", "layers", "batch", "seq", "rank", "runs", "warmup")
-                                      if (v := getattr(a, k)) is not None})
+    cfg = with_sizes(cfg, a, SIZES)
     print(f"config: {cfg}  tokens={cfg.tokens}", file=sys.stderr)
     command = " ".join(["python", "benchmarks/bench_lora.py", *(sys.argv[1:] if argv is None else argv)])
     result = run(cfg, torch=not a.no_torch, out=a.out, command=command)

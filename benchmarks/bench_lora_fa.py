@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 import statistics
@@ -51,6 +50,7 @@ import jax
 import optax
 
 import lowrank_jax as lrj
+from _report import add_size_flags, markdown_table, memory_bytes, with_sizes, write_json  # benchmarks/_report.py
 from _machine import machine  # benchmarks/_machine.py
 from bench_lora import (  # benchmarks/bench_lora.py: the same model, input, loss and helpers
     FULL as LORA_FULL,
@@ -207,12 +207,6 @@ def run_jax(cfg: Config, families=("linen", "linen-scan")) -> list[dict]:
     return rows
 
 
-def _mem(r: dict, which: str) -> int:
-    if which == "temp+out":
-        return r["temp_bytes"] + r["output_bytes"]
-    return r["argument_bytes"] + r["temp_bytes"] + r["output_bytes"] - r["alias_bytes"]  # "total"
-
-
 def add_ratios(rows: list[dict]) -> list[dict]:
     """Adds ``*_ratio`` fields: each row against its family's baseline (LoRA + adamw)."""
     base = {r["family"]: r for r in rows if r["baseline"]}
@@ -223,8 +217,8 @@ def add_ratios(rows: list[dict]) -> list[dict]:
         r["flops_ratio"] = r["flops"] / b["flops"]
         r["temp_ratio"] = r["temp_bytes"] / b["temp_bytes"] if b["temp_bytes"] else float("nan")
         r["output_ratio"] = r["output_bytes"] / b["output_bytes"]
-        r["mem_ratio"] = _mem(r, "temp+out") / _mem(b, "temp+out")
-        r["total_mem_ratio"] = _mem(r, "total") / _mem(b, "total")
+        r["mem_ratio"] = memory_bytes(r, "temp+out") / memory_bytes(b, "temp+out")
+        r["total_mem_ratio"] = memory_bytes(r, "total") / memory_bytes(b, "total")
         if "flops_unrolled" in r and "flops_unrolled" in b:
             r["flops_unrolled_ratio"] = r["flops_unrolled"] / b["flops_unrolled"]
     return rows
@@ -243,14 +237,11 @@ def format_table(rows: list[dict]) -> str:
             ratio += f" ({r['flops_unrolled_ratio']:.3f})"
         lines.append((
             r["family"], r["variant"], gflop, ratio, mib(r["temp_bytes"]), f"{r['temp_ratio']:.3f}",
-            mib(r["output_bytes"]), f"{r['output_ratio']:.3f}", f"{r['mem_ratio']:.3f}", mib(_mem(r, "total")),
+            mib(r["output_bytes"]), f"{r['output_ratio']:.3f}", f"{r['mem_ratio']:.3f}", mib(memory_bytes(r, "total")),
             f"{r['total_mem_ratio']:.3f}", f"{r['jaxpr_dot_generals']} ({r['jaxpr_factor_grad_dots']})",
             str(r["hlo_dots"]), f"{1e3 * r['time_s']:.0f}", f"{r['time_ratio']:.3f}", f"{r['time_ratio_min']:.3f}",
         ))
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([fmt(header), sep, *(fmt(line) for line in lines)])
+    return markdown_table(header, lines)
 
 
 def check_expectations(rows: list[dict]) -> list[str]:
@@ -292,10 +283,12 @@ def run(cfg: Config, *, out: Path | None = RESULTS, command: str | None = None,
         "notes": [LOOP_NOTE] if any("flops_unrolled" in r for r in rows) else [],
         "checks": check_expectations(rows),
     }
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    write_json(out, result)
     return result
+
+
+#: The config fields the command line can override.
+SIZES = ("d", "layers", "batch", "seq", "rank", "runs", "warmup")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,12 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help=f"{QUICK.warmup} warm-up + {QUICK.runs} timed runs")
     p.add_argument("--no-scan", action="store_true", help="skip the nn.scan(nn.remat(...)) family")
     p.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
-    for field in ("d", "layers", "batch", "seq", "rank", "runs", "warmup"):
-        p.add_argument(f"--{field}", type=int, default=None)
+    add_size_flags(p, SIZES)
     a = p.parse_args(argv)
     cfg = QUICK if a.quick else FULL
-    cfg = dataclasses.replace(cfg, **{k: v for k in ("d", "layers", "batch", "seq", "rank", "runs", "warmup")
-                                      if (v := getattr(a, k)) is not None})
+    cfg = with_sizes(cfg, a, SIZES)
     print(f"config: {cfg}  tokens={cfg.tokens}", file=sys.stderr)
     command = " ".join(["python", "benchmarks/bench_lora_fa.py", *(sys.argv[1:] if argv is None else argv)])
     families = ("linen",) if a.no_scan else ("linen", "linen-scan")

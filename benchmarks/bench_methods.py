@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -66,6 +65,7 @@ import optax
 
 import lowrank_jax as lrj
 from _llama_common import cost, count_params, cross_entropy, load  # benchmarks/_llama_common.py
+from _report import markdown_table, write_json  # benchmarks/_report.py
 from _machine import machine  # benchmarks/_machine.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "methods.json"
@@ -283,10 +283,7 @@ def format_table(rows: list[dict]) -> str:
                       f"{r['params_x_lora']:.3f}", f"{r['flops_x_lora']:.3f}", f"{r['temp_x_lora']:.3f}",
                       f"{r['time_x_lora']:.3f} ({r['time_min_x_lora']:.3f})", f"{r['flops'] / 1e9:.2f}",
                       f"{r['temp_bytes'] / 2**20:.1f}", f"{r['time_s']:.3f}", f"{r['loss_step0']:.6f}"])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([fmt(header), sep, *(fmt(line) for line in lines)])
+    return markdown_table(header, lines)
 
 
 def run(cfg: Config, *, out: Path | None = RESULTS, command: str | None = None) -> dict:
@@ -314,9 +311,7 @@ def run(cfg: Config, *, out: Path | None = RESULTS, command: str | None = None) 
                   "allocator (post-step, outside jit) is not timed."],
         "wall_s": time.perf_counter() - t_start,
     }
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     return result
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 import statistics
@@ -51,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lowrank_jax as lrj
+from _report import write_json  # benchmarks/_report.py
 from _machine import machine  # benchmarks/_machine.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pissa.json"
@@ -225,9 +225,7 @@ def run(cfg: Config, *, out: Path | None = RESULTS, command: str | None = None) 
         "rows": rows,
         "wall_s": time.perf_counter() - t_start,
     }
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     return result
 
 
