@@ -117,7 +117,7 @@ def _own_targets(module) -> list[str]:
 
 
 def _adapt_unknown_layer(module, method_name: str, args, kwargs, own: list[str], adapter, executed, strip: str,
-                         shared: dict):
+                         shared: dict, call_args: dict):
     """A layer the bridge does not know that owns a target: adapted at the contraction consuming its
     kernel (:mod:`lrj.contractions`), or refused naming the target."""
     path = "/".join(("params", *module.scope.path, own[0]))
@@ -139,7 +139,7 @@ def _adapt_unknown_layer(module, method_name: str, args, kwargs, own: list[str],
 
     def adapted(site, x, y):
         return adapter.apply(leaves, site, x, y, path=path.removeprefix(strip) if strip else path,
-                             dropout_key=injected.get("dropout_key"))
+                             dropout_key=injected.get("dropout_key"), **call_args)
 
     out, contracted = contractions.adapt_contractions(call, kernel, args, kwargs, adapted, path)
     if contracted and executed is not None:
@@ -147,7 +147,10 @@ def _adapt_unknown_layer(module, method_name: str, args, kwargs, own: list[str],
     return out
 
 
-def _interceptor(adapter: base.Adapter | None, executed: set | None = None, strip: str = "", shared=None):
+def _interceptor(adapter: base.Adapter | None, executed: set | None = None, strip: str = "", shared=None,
+                 call_args=None):
+    call_args = call_args or {}
+
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         kind = _kind(module, context.method_name)
@@ -158,7 +161,7 @@ def _interceptor(adapter: base.Adapter | None, executed: set | None = None, stri
             if not own:
                 return next_fun(*args, **kwargs)
             return _adapt_unknown_layer(module, context.method_name, args, kwargs, own, adapter, executed, strip,
-                                        shared or {})
+                                        shared or {}, call_args)
         name = _param_name(module)
         if not module.has_variable("params", name):  # module.init: nothing to adapt yet
             return next_fun(*args, **kwargs)
@@ -183,7 +186,7 @@ def _interceptor(adapter: base.Adapter | None, executed: set | None = None, stri
         path = path.removeprefix(strip) if strip else path
         if out_perm is not None:
             y = jnp.transpose(y, tuple(sorted(range(len(out_perm)), key=out_perm.__getitem__)))
-        y = adapter.apply(leaves, site, x, y, path=path, dropout_key=injected.get("dropout_key"))
+        y = adapter.apply(leaves, site, x, y, path=path, dropout_key=injected.get("dropout_key"), **call_args)
         return y if out_perm is None else jnp.transpose(y, out_perm)
 
     return intercept
@@ -242,7 +245,9 @@ def apply(model: nn.Module, adapter: base.Adapter, variables, adapter_params, *a
         or the bare ``params`` (``variables["params"]``).
       adapter_params: the adapter's tree (``adapter.init(key, variables)``, or
         ``adapter.init(key, params)`` for bare params, whose paths then lack ``"params/"``).
-      *args, **kwargs: passed to ``model.apply`` (``method=``, ``rngs=``, ``mutable=``...).
+      *args, **kwargs: passed to ``model.apply`` (``method=``, ``rngs=``, ``mutable=``...), except
+        the adapter's per-call inputs (names in ``adapter.call_args``, e.g. a bank's
+        ``adapter_index``), which go to every site's ``adapter.apply``.
       dropout_rng: key for dropout on the adapter branch; ``None`` disables it (eval).
 
     Raises:
@@ -251,11 +256,13 @@ def apply(model: nn.Module, adapter: base.Adapter, variables, adapter_params, *a
       NotImplementedError: naming a target that a layer the bridge does not know uses other
         than by contracting it (see :mod:`lrj.contractions`).
     """
+    call_args = base.take_call_args(adapter, kwargs)
     variables, adapter_params, bare = _with_collection(variables, adapter_params)
     injected = inject(adapter, variables, adapter_params, dropout_rng=dropout_rng)
     executed: set[str] = set()
     shared = tree_lib.shared_of(adapter_params)
-    with nn.intercept_methods(_interceptor(adapter, executed, strip="params/" if bare else "", shared=shared)):
+    intercept = _interceptor(adapter, executed, strip="params/" if bare else "", shared=shared, call_args=call_args)
+    with nn.intercept_methods(intercept):
         out = model.apply(injected, *args, **kwargs)
     site_params, _ = base.substitutions(adapter, adapter_params)
     targets = [path for _, path, _, _ in base.resolve_targets(site_params, variables, adapter.leaf_names)]

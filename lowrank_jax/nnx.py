@@ -108,14 +108,14 @@ def _run(module, kind: str, original, args, kwargs):
     active = _ACTIVE.get().get(token)
     if active is None:
         raise RuntimeError(f"adapted layer {path!r} was called outside lrj.nnx.apply")
-    adapter, executed, shared = active
+    adapter, executed, shared, call_args = active
     executed.add(path)
     leaves = {**{n: getattr(module, PREFIX + n)[...] for n in module._lrj_leaves}, **shared}
     key_var = getattr(module, PREFIX + "dropout_key", None)
     x, site, out_perm = _site_input(module, kind, args, kwargs, kernel)
     if out_perm is not None:
         y = jnp.transpose(y, tuple(sorted(range(len(out_perm)), key=out_perm.__getitem__)))
-    y = adapter.apply(leaves, site, x, y, path=path, dropout_key=None if key_var is None else key_var[...])
+    y = adapter.apply(leaves, site, x, y, path=path, dropout_key=None if key_var is None else key_var[...], **call_args)
     return y if out_perm is None else jnp.transpose(y, out_perm)
 
 
@@ -129,7 +129,7 @@ def _run_unknown(module, original, args, kwargs):
     active = _ACTIVE.get().get(module._lrj_token)
     if active is None:
         raise RuntimeError(f"adapted layer {path!r} was called outside lrj.nnx.apply")
-    adapter, executed, shared = active
+    adapter, executed, shared, call_args = active
     kernel = getattr(module, name).get_value()
     if tree_lib.is_quantized(kernel):
         kernel = kernel.dequantize(getattr(module, "dtype", None) or kernel.dtype)
@@ -143,7 +143,8 @@ def _run_unknown(module, original, args, kwargs):
         return original(copy, *a, **kw)
 
     def adapted(site, x, y):
-        return adapter.apply(leaves, site, x, y, path=path, dropout_key=None if key_var is None else key_var[...])
+        return adapter.apply(leaves, site, x, y, path=path, dropout_key=None if key_var is None else key_var[...],
+                             **call_args)
 
     out, contracted = contractions.adapt_contractions(call, kernel, args, kwargs, adapted, path)
     if contracted:
@@ -169,8 +170,8 @@ def _adapted_class(cls: type) -> type:
 
 
 @contextlib.contextmanager
-def _active(token: int, adapter, executed: set, shared: dict):
-    reset = _ACTIVE.set({**_ACTIVE.get(), token: (adapter, executed, shared)})
+def _active(token: int, adapter, executed: set, shared: dict, call_args: dict):
+    reset = _ACTIVE.set({**_ACTIVE.get(), token: (adapter, executed, shared, call_args)})
     try:
         yield
     finally:
@@ -233,9 +234,10 @@ def apply(model, adapter: base.Adapter, adapter_params, *args, dropout_rng=None,
     Raises:
       ValueError: naming every target the call did not execute (it would get zero gradients).
     """
+    call_args = base.take_call_args(adapter, kwargs)
     clone, token = adapted_copy(model, adapter, adapter_params, dropout_rng=dropout_rng)
     executed: set[str] = set()
-    with _active(token, adapter, executed, tree_lib.shared_of(adapter_params)):
+    with _active(token, adapter, executed, tree_lib.shared_of(adapter_params), call_args):
         out = getattr(clone, method)(*args, **kwargs)
     site_params, _ = base.substitutions(adapter, adapter_params)
     targets = [path for _, path, _, _ in base.resolve_targets(site_params, params(clone), adapter.leaf_names)]

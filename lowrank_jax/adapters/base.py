@@ -19,7 +19,7 @@ from jax import lax
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.mesh_ops import contract, match_sharding, replicated  # noqa: F401  (adapters call base.contract...)
 
-__all__ = ["Adapter", "Leaf", "Site", "low_rank", "dropout", "split", "join", "freeze"]
+__all__ = ["Adapter", "Leaf", "Site", "low_rank", "dropout", "split", "join", "freeze", "take_call_args"]
 
 
 class Site(NamedTuple):
@@ -72,6 +72,10 @@ class Adapter(NamedTuple):
       roles, not from leaf names.
     layouts: the ``layouts`` the adapter was made with (``{path: Layout}`` or a callable); they
       settle a target's layout where its leaves fit several (IA3's stacked ``[L, in]`` vector).
+    call_args: names of per-call inputs ``apply`` takes as keyword arguments (a mixed batch's
+      ``adapter_index``). The bridges take them from the keyword arguments of their ``apply``
+      (``lrj.linen.apply(model, bank, params, bank_params, x, adapter_index=ids)``), hand them to
+      every site's ``apply`` unchanged, and pass the rest to the model.
     """
 
     init: Callable
@@ -83,6 +87,7 @@ class Adapter(NamedTuple):
     config: dict
     roles: dict | None = None
     layouts: Any = None
+    call_args: frozenset = frozenset()
 
 
 class Leaf(NamedTuple):
@@ -430,3 +435,10 @@ def replace_leaves(params, new: dict[tuple, Any]):
         return leaf
 
     return jax.tree_util.tree_map_with_path(swap, params, is_leaf=tree_lib._is_leaf)
+
+
+def take_call_args(adapter: Adapter | None, kwargs: dict) -> dict:
+    """The per-call adapter inputs (:attr:`Adapter.call_args`) removed from a bridge's ``kwargs``
+    (which keeps the model's own keyword arguments)."""
+    names = adapter.call_args if adapter is not None else frozenset()
+    return {name: kwargs.pop(name) for name in list(kwargs) if name in names}

@@ -170,10 +170,11 @@ def combine(*adapters: base.Adapter) -> base.Adapter:
             out[tree_lib.SHARED] = shared
         return out
 
-    def apply_fn(leaves, site, x, y, *, path, dropout_key=None):
+    def apply_fn(leaves, site, x, y, *, path, dropout_key=None, **call_args):
         component = owner(path, leaves)
         mine = {n: v for n, v in leaves.items() if n in component.leaf_names}
-        return component.apply(mine, site, x, y, path=path, dropout_key=dropout_key)
+        theirs = {n: v for n, v in call_args.items() if n in component.call_args}
+        return component.apply(mine, site, x, y, path=path, dropout_key=dropout_key, **theirs)
 
     def merge_fn(params, adapter_params):
         for adapter, tree in parts(adapter_params):
@@ -193,4 +194,6 @@ def combine(*adapters: base.Adapter) -> base.Adapter:
 
     config = dict(method="combine", components=[a.config for a in adapters],
                   dropout=max(float(a.config.get("dropout", 0.0)) for a in adapters))
-    return base.Adapter(init_fn, apply_fn, merge_fn, unmerge_fn, penalty_fn, frozenset(roles), config, roles)
+    call_args = frozenset().union(*(a.call_args for a in adapters))
+    return base.Adapter(init_fn, apply_fn, merge_fn, unmerge_fn, penalty_fn, frozenset(roles), config, roles,
+                        call_args=call_args)
