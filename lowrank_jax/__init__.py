@@ -3,82 +3,69 @@
 Adapters are factories returning :class:`Adapter`, a NamedTuple of pure
 functions over Flax params pytrees; bridges (:mod:`lowrank_jax.linen`,
 :mod:`lowrank_jax.nnx`) run them in factored form inside unchanged models.
+
+The names below are imported on first use (PEP 562), so ``import lowrank_jax`` and the
+command line's ``--help`` do not pay for jax, flax and optax until something needs them.
 """
 
-from lowrank_jax import attention as attention
-from lowrank_jax import grads as grads
-from lowrank_jax import linalg as linalg
-from lowrank_jax import linen as linen
-from lowrank_jax import longlora as longlora
-from lowrank_jax import nnx as nnx
-from lowrank_jax import optim as optim
-from lowrank_jax import quant as quant
-from lowrank_jax.adapters.adalora import AdaLoraState as AdaLoraState
-from lowrank_jax.adapters.adalora import adalora as adalora
-from lowrank_jax.adapters.adalora import adalora_allocator as adalora_allocator
-from lowrank_jax.adapters.base import Adapter as Adapter
-from lowrank_jax.adapters.base import Leaf as Leaf
-from lowrank_jax.adapters.base import freeze as freeze
-from lowrank_jax.adapters.base import join as join
-from lowrank_jax.adapters.base import split as split
-from lowrank_jax.adapters.base import Site as Site
-from lowrank_jax.adapters.combinators import combine as combine
-from lowrank_jax.adapters.combinators import full_finetune as full_finetune
-from lowrank_jax.adapters.bitfit import bitfit as bitfit
-from lowrank_jax.adapters.dora import dora as dora
-from lowrank_jax.adapters.dora import weight_norms as dora_weight_norms
-from lowrank_jax.adapters.ia3 import ia3 as ia3
-from lowrank_jax.adapters.lora import LoraGA as LoraGA
-from lowrank_jax.adapters.lora import init_with_residual as init_with_residual
-from lowrank_jax.adapters.lora import offset_to_plain_lora as offset_to_plain_lora
-from lowrank_jax.adapters.lora import lora as lora
-from lowrank_jax.adapters.lora import lora_scale as lora_scale
-from lowrank_jax.adapters.vera import vera as vera
-from lowrank_jax.sharding import adapter_shardings as adapter_shardings
-from lowrank_jax.training import average_gradient as average_gradient
-from lowrank_jax.training import make_train_step as make_train_step
-from lowrank_jax.training import trainable_summary as trainable_summary
-from lowrank_jax.tree import Layout as Layout
-from lowrank_jax.tree import labels as labels
-from lowrank_jax.tree import mask as mask
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdaLoraState",
-    "Adapter",
-    "Layout",
-    "Leaf",
-    "LoraGA",
-    "Site",
-    "adalora",
-    "adalora_allocator",
-    "adapter_shardings",
-    "attention",
-    "average_gradient",
-    "bitfit",
-    "combine",
-    "dora",
-    "dora_weight_norms",
-    "freeze",
-    "full_finetune",
-    "grads",
-    "ia3",
-    "init_with_residual",
-    "join",
-    "labels",
-    "linen",
-    "longlora",
-    "linalg",
-    "lora",
-    "lora_scale",
-    "make_train_step",
-    "mask",
-    "nnx",
-    "offset_to_plain_lora",
-    "optim",
-    "quant",
-    "split",
-    "trainable_summary",
-    "vera",
-]
+#: Subpackages and modules reachable as ``lrj.<name>``.
+_MODULES = ("attention", "distributed", "grads", "linalg", "linen", "longlora", "multi_train", "nnx", "optim", "plan", "quant")
+
+#: Public name -> (module, attribute).
+_EXPORTS = {
+    "AdaLoraState": ("lowrank_jax.adapters.adalora", "AdaLoraState"),
+    "adalora": ("lowrank_jax.adapters.adalora", "adalora"),
+    "adalora_allocator": ("lowrank_jax.adapters.adalora", "adalora_allocator"),
+    "Adapter": ("lowrank_jax.adapters.base", "Adapter"),
+    "Leaf": ("lowrank_jax.adapters.base", "Leaf"),
+    "Site": ("lowrank_jax.adapters.base", "Site"),
+    "freeze": ("lowrank_jax.adapters.base", "freeze"),
+    "join": ("lowrank_jax.adapters.base", "join"),
+    "split": ("lowrank_jax.adapters.base", "split"),
+    "combine": ("lowrank_jax.adapters.combinators", "combine"),
+    "full_finetune": ("lowrank_jax.adapters.combinators", "full_finetune"),
+    "bitfit": ("lowrank_jax.adapters.bitfit", "bitfit"),
+    "dora": ("lowrank_jax.adapters.dora", "dora"),
+    "dora_weight_norms": ("lowrank_jax.adapters.dora", "weight_norms"),
+    "ia3": ("lowrank_jax.adapters.ia3", "ia3"),
+    "LoraGA": ("lowrank_jax.adapters.lora", "LoraGA"),
+    "init_with_residual": ("lowrank_jax.adapters.lora", "init_with_residual"),
+    "offset_to_plain_lora": ("lowrank_jax.adapters.lora", "offset_to_plain_lora"),
+    "lora": ("lowrank_jax.adapters.lora", "lora"),
+    "lora_scale": ("lowrank_jax.adapters.lora", "lora_scale"),
+    "vera": ("lowrank_jax.adapters.vera", "vera"),
+    "multi_lora": ("lowrank_jax.adapters.multi", "multi_lora"),
+    "LoraBank": ("lowrank_jax.adapters.multi", "Bank"),
+    "bank_shardings": ("lowrank_jax.adapters.multi", "bank_shardings"),
+    "adapter_shardings": ("lowrank_jax.sharding", "adapter_shardings"),
+    "average_gradient": ("lowrank_jax.training", "average_gradient"),
+    "make_train_step": ("lowrank_jax.training", "make_train_step"),
+    "trainable_summary": ("lowrank_jax.training", "trainable_summary"),
+    "Layout": ("lowrank_jax.tree", "Layout"),
+    "labels": ("lowrank_jax.tree", "labels"),
+    "mask": ("lowrank_jax.tree", "mask"),
+}
+
+__all__ = sorted((*_MODULES, *_EXPORTS))
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        module, attribute = _EXPORTS[name]
+        value = getattr(importlib.import_module(module), attribute)
+    elif name in _MODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module 'lowrank_jax' has no attribute {name!r}")
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *__all__})

@@ -4,6 +4,7 @@
   lowrank-jax generate --prompt "..." [--adapter runs/smollm2-lora]
   lowrank-jax merge --adapter runs/smollm2-lora --output merged.safetensors
   lowrank-jax info runs/smollm2-lora
+  lowrank-jax plan --model llama2-7b --method qlora --devices 64 --mesh fsdp=16,tensor=4 --json
 
 Problems with the input (a missing model package, a corrupt file, an unknown
 method, an adapter from another model) are printed as one ``error:`` line with
@@ -178,6 +179,11 @@ def _cmd_info(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plan"]:  # its own parser (lowrank_jax.plan); it may re-run itself with fake devices
+        from lowrank_jax import plan
+
+        return plan.main(argv[1:])
     parser = argparse.ArgumentParser(prog="lowrank-jax", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
     _finetune_parser(sub)
@@ -194,6 +200,7 @@ def main(argv=None) -> int:
     i = sub.add_parser("info", help="summarise an adapter (like peft's print_trainable_parameters)")
     i.add_argument("adapter")
     i.add_argument("-v", "--verbose", action="store_true")
+    sub.add_parser("plan", help="per-device memory and FLOPs of a train step for N fake devices (see plan --help)")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

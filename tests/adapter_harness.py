@@ -227,6 +227,14 @@ class Case:
         return f"Case({self.name})"
 
 
+def _bank_on_slot(slot, **kw):
+    """A one-adapter view of a bank of two (ranks 3 and 2, the second rsLoRA): every example on ``slot``."""
+    bank = lrj.multi_lora([lrj.lora(rank=3, alpha=4.0, **kw), lrj.lora(rank=2, alpha=3.0, rslora=True, **kw)])
+    ids = jnp.full((BATCH,), slot, jnp.int32)
+    return bank._replace(apply=functools.partial(bank.apply, adapter_index=ids), merge=functools.partial(bank.merge, slot=slot),
+                         unmerge=functools.partial(bank.unmerge, slot=slot), call_args=frozenset())
+
+
 CASES = [
     Case("lora", lambda **kw: lrj.lora(rank=2, alpha=4.0, **kw)),
     Case("rslora", lambda **kw: lrj.lora(rank=2, alpha=4.0, rslora=True, **kw)),
@@ -243,6 +251,7 @@ CASES = [
     Case("bitfit", lambda **kw: lrj.bitfit(**kw), invertible=False, xfail={"dropout": "BitFit has no dropout: it raises"}),
     Case("lora_bias_lora_only", lambda **kw: lrj.lora(rank=2, alpha=4.0, bias="lora_only", **kw), invertible=False),
     Case("adalora", lambda **kw: lrj.adalora(init_r=4, target_r=2, total_step=10, **kw)),
+    Case("multi_lora", lambda **kw: _bank_on_slot(1, **kw)),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 

@@ -352,14 +352,31 @@ class LlamaMLP(nn.Module):
         return _dense(c, c.hidden_size, "down_proj")(nn.silu(gate) * up)
 
 
+def constrain(x: jax.Array, spec) -> jax.Array:
+    """``x`` constrained to ``spec`` (a ``PartitionSpec``) on the current mesh; ``x`` when ``spec`` is None.
+
+    Under an Explicit mesh this is a ``reshard``; otherwise ``with_sharding_constraint`` (a hint the
+    compiler keeps, e.g. inside :func:`lowrank_jax.models.llama_sharding.auto_axes`).
+    """
+    if spec is None:
+        return x
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.axis_names and jax.sharding.AxisType.Explicit in tuple(mesh.axis_types):
+        return jax.sharding.reshard(x, spec)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
 
-    Returns ``(x, None)`` so the same class works as an ``nn.scan`` body.
+    Returns ``(x, None)`` so the same class works as an ``nn.scan`` body. With
+    ``activation_sharding`` (a ``PartitionSpec`` of ``[B, T, D]``) the residual stream
+    is constrained to it after each half-block.
     """
 
     config: LlamaConfig
     decode: bool = False
+    activation_sharding: Any = None
 
     @nn.compact
     def __call__(self, x, cos, sin, key_mask, cache_index):
@@ -367,9 +384,9 @@ class LlamaDecoderLayer(nn.Module):
         norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
         h = LlamaAttention(c, decode=self.decode, name="self_attn")(
             norm(name="input_layernorm")(x), cos, sin, key_mask, cache_index)
-        x = x + h
+        x = constrain(x + h, self.activation_sharding)
         x = x + LlamaMLP(c, name="mlp")(norm(name="post_attention_layernorm")(x))
-        return x, None
+        return constrain(x, self.activation_sharding), None
 
 
 class LlamaForCausalLM(nn.Module):
@@ -386,21 +403,73 @@ class LlamaForCausalLM(nn.Module):
         1 for real tokens, 0 for padding keys. ``None`` is a plain causal mask.
       decode: read and append to the KV cache (variables
         ``{"cache": init_cache(...)}``, ``mutable=["cache"]``).
+
+    Attributes:
+      config: the architecture.
+      activation_sharding: ``PartitionSpec`` of the ``[B, T, D]`` residual stream (e.g.
+        ``P(("data", "fsdp"), None, None)``: batch-sharded activations under FSDP); applied
+        after the embedding and every half-block. ``None``: no constraint.
+      remat_groups: with ``scan_layers`` and ``config.remat``, ``G > 1`` runs the blocks as a
+        two-level scan, ``G`` groups of ``L / G`` blocks, each group rematerialised as a
+        whole (nested remat: about ``G + L / G`` saved block inputs, ``2 sqrt(L)`` at
+        ``G = sqrt(L)``; Chen et al. 2016, https://arxiv.org/abs/1604.06174, as
+        ``flax.linen.remat_scan``). Params stay ``[L, ...]``. ``G`` must divide ``L``.
     """
 
     config: LlamaConfig
+    activation_sharding: Any = None
+    remat_groups: int = 1
+
+    def _remat_policy(self):
+        """``config.remat_policy`` resolved: offloading policies are factories, called with
+        ``("device", "pinned_host")`` (the saved dots go to host memory)."""
+        c = self.config
+        if not c.remat_policy:
+            return None
+        policy = getattr(jax.checkpoint_policies, c.remat_policy)
+        if c.remat_policy == "offload_dot_with_no_batch_dims":
+            policy = policy("device", "pinned_host")
+        return policy
+
+    def _grouped_block(self, decode: bool):
+        """Two-level scan (nested remat) over ``remat_groups`` groups, params presented as ``[L, ...]``."""
+        c, groups = self.config, self.remat_groups
+        if c.num_hidden_layers % groups:
+            raise ValueError(f"`remat_groups` {groups} does not divide num_hidden_layers {c.num_hidden_layers}")
+        policy = self._remat_policy()
+        scan = functools.partial(nn.scan, variable_axes={"params": 0, "cache": 0},
+                                 split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * 4)
+        inner = scan(nn.remat(LlamaDecoderLayer, prevent_cse=False, policy=policy),
+                     length=c.num_hidden_layers // groups)
+        outer = scan(nn.remat(inner, prevent_cse=False), length=groups)
+
+        def to_groups(tree):
+            return jax.tree.map(lambda a: a.reshape((groups, a.shape[0] // groups) + a.shape[1:]), tree)
+
+        def from_groups(tree):
+            return jax.tree.map(lambda a: a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:]), tree)
+
+        block = nn.map_variables(outer, "params", trans_in_fn=to_groups, trans_out_fn=from_groups,
+                                 mutable=True, init=True)
+        return functools.partial(block, c, decode=decode, activation_sharding=self.activation_sharding)
 
     def _block(self, decode: bool):
         c = self.config
+        if self.remat_groups != 1:
+            if not isinstance(self.remat_groups, int) or self.remat_groups < 1:
+                raise ValueError(f"`remat_groups` must be a positive integer, got {self.remat_groups!r}")
+            if not (c.scan_layers and c.remat):
+                raise ValueError(f"`remat_groups` {self.remat_groups} needs config.scan_layers and config.remat")
+            if not decode:
+                return self._grouped_block(decode)
         block = LlamaDecoderLayer
         if c.remat:
-            policy = getattr(jax.checkpoint_policies, c.remat_policy) if c.remat_policy else None
-            block = nn.remat(block, prevent_cse=not c.scan_layers, policy=policy)
+            block = nn.remat(block, prevent_cse=not c.scan_layers, policy=self._remat_policy())
         if c.scan_layers:
             block = nn.scan(block, variable_axes={"params": 0, "cache": 0},
                             split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast,) * 4, length=c.num_hidden_layers)
-        return functools.partial(block, c, decode=decode)
+        return functools.partial(block, c, decode=decode, activation_sharding=self.activation_sharding)
 
     @nn.compact
     def __call__(self, input_ids, positions=None, attention_mask=None, decode: bool = False):
@@ -411,7 +480,7 @@ class LlamaForCausalLM(nn.Module):
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
                          embedding_init=nn.initializers.normal(c.initializer_range),
                          name="embed_tokens")
-        x = embed(input_ids)
+        x = constrain(embed(input_ids), self.activation_sharding)
 
         cache_index = None
         if decode:
@@ -498,16 +567,42 @@ def _sample(logits, key, temperature, top_k):
     return jnp.where(temperature > 0, sampled.astype(jnp.int32), greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "top_k"))
+class _ByIdentity:
+    """A jit-static wrapper of an adapter (whose config dict is unhashable), equal only to itself."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self):
+        return id(self.value)
+
+    def __eq__(self, other):
+        return isinstance(other, _ByIdentity) and other.value is self.value
+
+
+def _forward(model, adapter, params, adapter_params, adapter_index):
+    """``(variables, *args, **kwargs) -> model.apply(...)``, through ``lrj.linen.apply`` when an adapter is given
+    (a bank also gets each row's ``adapter_index``)."""
+    if adapter is None:
+        return model.apply
+    from lowrank_jax import linen  # lazily: the model does not depend on the adapters
+
+    extra = {"adapter_index": adapter_index} if "adapter_index" in adapter.call_args else {}
+    _, adapter_params, _ = linen._with_collection(params, adapter_params)  # a tree made for bare params
+    return lambda variables, *args, **kwargs: linen.apply(model, adapter, variables, adapter_params, *args, **extra, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "top_k", "adapter"))
 def _generate(model, params, prompt, prompt_mask, key, eos_token_id, pad_token_id, temperature, *,
-              max_new_tokens, top_k):
+              max_new_tokens, top_k, adapter=None, adapter_params=None, adapter_index=None):
     b, p = prompt.shape
     total = p + max_new_tokens
+    forward = _forward(model, None if adapter is None else adapter.value, params, adapter_params, adapter_index)
     cache = init_cache(model.config, b, total)
     key_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, max_new_tokens), prompt_mask.dtype)], 1)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
-    logits, state = model.apply({"params": params, "cache": cache}, prompt, positions=positions,
-                                attention_mask=key_mask, decode=True, mutable=["cache"])
+    logits, state = forward({"params": params, "cache": cache}, prompt, positions=positions,
+                            attention_mask=key_mask, decode=True, mutable=["cache"])
     key, sub = jax.random.split(key)
     token = _sample(logits[:, -1], sub, temperature, top_k)
     done = token == eos_token_id
@@ -517,9 +612,9 @@ def _generate(model, params, prompt, prompt_mask, key, eos_token_id, pad_token_i
         cache, token, pos, key_mask, done, key = carry
         key_mask = jax.lax.dynamic_update_slice(key_mask, jnp.ones((b, 1), key_mask.dtype),
                                                 (jnp.zeros((), jnp.int32), slot))
-        logits, state = model.apply({"params": params, "cache": cache}, token[:, None],
-                                    positions=pos[:, None], attention_mask=key_mask, decode=True,
-                                    mutable=["cache"])
+        logits, state = forward({"params": params, "cache": cache}, token[:, None],
+                                positions=pos[:, None], attention_mask=key_mask, decode=True,
+                                mutable=["cache"])
         key, sub = jax.random.split(key)
         new = _sample(logits[:, -1], sub, temperature, top_k)
         new = jnp.where(done, pad_token_id, new)
@@ -534,7 +629,8 @@ def _generate(model, params, prompt, prompt_mask, key, eos_token_id, pad_token_i
 def generate(model: LlamaForCausalLM, params, prompts: Sequence[Sequence[int]] | np.ndarray, *,
              max_new_tokens: int, eos_token_id: int | None = None, pad_token_id: int = 0,
              temperature: float = 0.0, top_k: int | None = None,
-             key: jax.Array | None = None) -> np.ndarray:
+             key: jax.Array | None = None, adapter=None, adapter_params=None,
+             adapter_index=None) -> np.ndarray:
     """Greedy (``temperature=0``) or sampled continuation with a KV cache.
 
     Prompts of different lengths are left-padded; their RoPE positions start at
@@ -546,13 +642,19 @@ def generate(model: LlamaForCausalLM, params, prompts: Sequence[Sequence[int]] |
 
     Args:
       model: a :class:`LlamaForCausalLM` (any ``scan_layers``/``remat`` setting).
-      params: its params (plain arrays; merge adapters first).
+      params: its params (plain arrays).
       prompts: token-id lists, or a ``[B, P]`` array.
       max_new_tokens: number of tokens to produce per row.
       eos_token_id: stop token; after it a row produces ``pad_token_id``.
       temperature: 0 for greedy, else softmax temperature for sampling.
       top_k: sample only among the ``top_k`` most likely tokens.
       key: PRNG key for sampling (``jax.random.key``); default ``key(0)``.
+      adapter, adapter_params: run an adapter in factored form (``lrj.linen.apply``) instead of
+        merged weights; with a bank (``lrj.multi_lora``) each row names its adapter in
+        ``adapter_index`` (``[B]``, ``-1``: the base model), so one batch serves many adapters
+        (S-LoRA/punica serving; the decode steps take the gather path). The program is compiled
+        once per adapter object: hot-swapping a bank's slots (``bank.put``) does not recompile.
+      adapter_index: ``[B]`` adapter of each prompt; required with a bank, refused without one.
 
     Returns:
       ``[B, max_new_tokens]`` int32 numpy array of the new tokens (prompt excluded).
@@ -573,9 +675,26 @@ def generate(model: LlamaForCausalLM, params, prompts: Sequence[Sequence[int]] |
         mask[i, width - len(r):] = 1
     key = jax.random.key(0) if key is None else key
     eos = -1 if eos_token_id is None else int(eos_token_id)
+    bank = adapter is not None and "adapter_index" in adapter.call_args
+    if adapter is not None and adapter_params is None:
+        raise ValueError("`adapter` needs its `adapter_params`")
+    if bank:
+        if adapter_index is None:
+            raise ValueError("a bank of adapters needs `adapter_index` (one adapter per prompt, -1 for the base model)")
+        from lowrank_jax.adapters.multi import check_index  # lazily: the model does not depend on the adapters
+
+        adapter_index = check_index(adapter_index, adapter_params)
+        if adapter_index.shape != (len(rows),):
+            raise ValueError(f"`adapter_index` needs one entry per prompt: {adapter_index.shape[0]} for {len(rows)} prompts")
+        adapter_index = jnp.asarray(adapter_index)
+    elif adapter_index is not None:
+        raise ValueError("`adapter_index` is for a bank of adapters (lrj.multi_lora); this call has "
+                         f"{'no adapter' if adapter is None else 'a single adapter'}")
     out = _generate(model, params, jnp.asarray(prompt), jnp.asarray(mask), key,
                     jnp.int32(eos), jnp.int32(pad_token_id), jnp.float32(temperature),
-                    max_new_tokens=int(max_new_tokens), top_k=None if top_k is None else int(top_k))
+                    max_new_tokens=int(max_new_tokens), top_k=None if top_k is None else int(top_k),
+                    adapter=None if adapter is None else _ByIdentity(adapter), adapter_params=adapter_params,
+                    adapter_index=adapter_index)
     return np.asarray(out)
 
 
