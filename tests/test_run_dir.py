@@ -1,0 +1,218 @@
+"""The main job never uses stale or mismatched state (issue 18): one identity per run directory,
+every bad input one ``error:`` line before the model loads, and Ctrl-C resume bit-exact."""
+
+import dataclasses
+import json
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from lowrank_jax import cli
+from lowrank_jax import run_config as rc
+
+WORKER = pathlib.Path(__file__).parent / "finetune_worker.py"
+UNWRITABLE = "/proc/lowrank-jax-test/run"  # /proc takes no new directories, not even from root
+
+
+def fake_run(directory: pathlib.Path, step: int = 60, **options) -> pathlib.Path:
+    """A run directory as finetune leaves it, as far as the checks read it: checkpoints/<step>/config/metadata."""
+    cfg = rc.FinetuneConfig(output_dir=str(directory), **options)
+    cfg.validate()
+    config_dir = directory / "checkpoints" / str(step) / "config"
+    config_dir.mkdir(parents=True)
+    (config_dir / "metadata").write_text(json.dumps({"model": rc.MODEL_NAME, "finetune": dataclasses.asdict(cfg)}))
+    return directory
+
+
+def error_of(argv, capsys) -> str:
+    """The one ``error:`` line of a command that must fail with exit status 2."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_a_directory_with_another_run_is_refused(tmp_path, capsys):
+    run = fake_run(tmp_path / "run", method="lora")
+    line = error_of(["finetune", "--method", "qlora", "--steps", "3", "--output-dir", str(run)], capsys)
+    assert line == (f"error: --output-dir '{run}' holds a lora run (checkpoint step 60): --resume continues it, "
+                    f"--overwrite replaces it, or choose another --output-dir")
+
+
+def test_resume_with_other_settings_names_each_field(tmp_path, capsys):
+    run = fake_run(tmp_path / "run", method="lora")
+    line = error_of(["finetune", "--resume", "--method", "qlora", "--output-dir", str(run)], capsys)
+    assert "method 'lora' (now 'qlora')" in line and "rank" not in line
+    line = error_of(["finetune", "--resume", "--rank", "16", "--output-dir", str(run)], capsys)
+    assert re.search(r"holds a run with other settings: rank 8 \(now 16\); resume with those", line)
+
+
+def test_resume_with_the_same_identity_and_more_steps_is_accepted(tmp_path):
+    run = fake_run(tmp_path / "run", method="lora", steps=60)
+    cfg = rc.FinetuneConfig(output_dir=str(run), resume=True, steps=100)
+    cfg.validate()
+    assert rc.check_run_dir(cfg)[0] == 60
+
+
+def test_overwrite_clears_only_what_a_run_writes(tmp_path):
+    from lowrank_jax import finetune as ft
+
+    run = fake_run(tmp_path / "run")
+    (run / "summary.json").write_text("{}")
+    (run / "loss.png").write_bytes(b"png")
+    (run / "notes.txt").write_text("mine")
+    cfg = rc.FinetuneConfig(output_dir=str(run), method="qlora", overwrite=True)
+    cfg.validate()
+    assert rc.check_run_dir(cfg)[0] == 60  # accepted, and the old run is reported
+    ft.clear_run(run)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    assert rc.stored_run(run) is None
+
+
+def test_the_default_directory_names_the_method():
+    for method in ("lora", "qlora", "galore"):
+        cfg = rc.FinetuneConfig(method=method)
+        cfg.validate()
+        assert cfg.output_dir == f"runs/smollm2-{method}"
+
+
+@pytest.mark.parametrize("method", sorted(rc.FIXED_TARGETS))
+def test_targets_are_refused_for_methods_that_fix_them(method, capsys, tmp_path):
+    line = error_of(["finetune", "--method", method, "--targets", "qv", "--output-dir", str(tmp_path / "r")], capsys)
+    assert line.startswith(f"error: --targets does not apply to --method {method}, which trains {rc.FIXED_TARGETS[method]}")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["finetune", "--output-dir", "{tmp}/afile"], "error: --output-dir '{tmp}/afile' is a file, not a directory"),
+    (["finetune", "--output-dir", "{tmp}/afile/run"], "error: --output-dir '{tmp}/afile/run' cannot be created: '{tmp}/afile' is a file"),
+    (["finetune", "--output-dir", UNWRITABLE], f"error: --output-dir '{UNWRITABLE}' cannot be written: No such file or directory"),
+    (["finetune", "--corpus", "{tmp}/missing.txt", "--output-dir", "{tmp}/new"],
+     "error: --corpus '{tmp}/missing.txt' does not exist: give 'shakespeare' or the path of a UTF-8 text file"),
+    (["finetune", "--corpus", "{tmp}", "--output-dir", "{tmp}/new"],
+     "error: --corpus '{tmp}' is a directory: give 'shakespeare' or the path of a UTF-8 text file"),
+    (["finetune", "--resume", "--overwrite", "--output-dir", "{tmp}/new"],
+     "error: --resume continues the run in --output-dir and --overwrite replaces it: give one"),
+    (["finetune", "--warmup", "-1", "--output-dir", "{tmp}/new"], "error: --warmup must be a non-negative integer, got -1"),
+    (["generate", "--prompt", ""], "error: --prompt is empty: give the text to continue"),
+    (["generate", "--prompt", "a", "--prompts", "{tmp}/p.txt"],
+     "error: give --prompt TEXT (repeatable) or --prompts FILE (one prompt per line), not both"),
+    (["generate", "--prompts", "{tmp}/missing.txt"], "error: --prompts '{tmp}/missing.txt' is not a file"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "error: --max-new-tokens must be positive, got 0"),
+    (["generate", "--prompt", "hi", "--adapter", "{tmp}/none"], "error: {tmp}/none is not a finetune output directory (no checkpoints/ inside)"),
+    (["merge", "--adapter", "{tmp}/none", "--output", "{tmp}/merged.bin"], "error: --output must end in .safetensors, got {tmp}/merged.bin"),
+    (["merge", "--adapter", "{tmp}/none", "--output", "/proc/lowrank-jax-test/m.safetensors"],
+     "error: --output '/proc/lowrank-jax-test/m.safetensors': its directory '/proc/lowrank-jax-test' cannot be written: No such file or directory"),
+    (["merge", "--adapter", "{tmp}/none", "--output", "{tmp}/m.safetensors"], "error: {tmp}/none is not a finetune output directory"),
+    (["info", "{tmp}/afile"], "error: {tmp}/afile is not a finetune output directory (no checkpoints/ inside)"),
+])
+def test_each_bad_input_is_one_error_line_before_anything_loads(argv, message, tmp_path, capsys, monkeypatch):
+    from lowrank_jax import finetune as ft
+
+    (tmp_path / "afile").write_text("")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    monkeypatch.setattr(ft, "load_model", lambda cfg: pytest.fail("the model was loaded before the input was checked"))
+    line = error_of([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
+    assert line == message.replace("{tmp}", str(tmp_path)) or line.startswith(message.replace("{tmp}", str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing left behind
+    assert not pathlib.Path("/proc/lowrank-jax-test").exists()
+
+
+def test_help_is_fast_imports_no_jax_and_every_flag_has_help_and_default():
+    code = ("import sys\nfrom lowrank_jax import cli\ntry:\n    cli.main(['finetune', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('JAX' if 'jax' in sys.modules else 'NOJAX')")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - t0
+    assert proc.stdout.strip().splitlines()[-1] == "NOJAX", proc.stderr
+    assert elapsed < 5.0  # was 5-6 s with jax; about 0.1 s without (a loose bound: CI machines are shared)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    cli._finetune_parser(sub)
+    finetune = sub.choices["finetune"]
+    flags = [a for a in finetune._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) == len(dataclasses.fields(rc.FinetuneConfig))
+    for action in flags:
+        assert action.help, action.option_strings
+        if not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) and action.dest != "output_dir":
+            assert "default" in action.help, action.option_strings
+    assert "default runs/smollm2-METHOD" in next(a.help for a in flags if a.dest == "output_dir")
+    assert "(default 8; galore 128, vera 256, adalora 12)" in next(a.help for a in flags if a.dest == "rank")
+
+
+def test_every_method_has_a_recipe():
+    from lowrank_jax import finetune as ft
+
+    assert tuple(ft.RECIPES) == rc.METHODS
+
+
+# ------------------------------------------------------------------ end to end, a tiny model in a subprocess
+
+def run_worker(out_dir, steps, *extra):
+    proc = subprocess.run([sys.executable, str(WORKER), str(out_dir), str(steps), *extra], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(np.load(out_dir / "final.npz"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_completed_step_and_resume_is_bit_exact(tmp_path):
+    # width 1024: a step is long enough for XLA:CPU to run it asynchronously, so SIGINT lands while
+    # the step computes (in float(loss)), where the old handler saved the new state under the old number
+    steps, wide = 8, ("--width", "1024")
+    straight = run_worker(tmp_path / "straight", steps, *wide)
+    run = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(run), str(steps), *wide], stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith(f"step 3/{steps}"):
+            time.sleep(0.02)
+            proc.send_signal(signal.SIGINT)
+            break
+    _, rest = proc.communicate(timeout=300)
+    assert proc.returncode == 130, "".join(lines) + rest
+    saved = re.search(r"interrupted: saved step (\d+)", rest)
+    assert saved, rest
+    step = int(saved.group(1))
+    assert 3 <= step < steps
+    stored_step, config = rc.stored_run(run)
+    assert stored_step == step and len(config["losses"]) == step  # the step saved is the step completed
+    resumed = run_worker(run, steps, "--resume", *wide)
+    assert resumed.keys() == straight.keys()
+    for name in straight:
+        np.testing.assert_array_equal(resumed[name], straight[name], err_msg=name)  # bit for bit
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tmp_path, monkeypatch):
+    from lowrank_jax import finetune as ft
+
+    sys.path.insert(0, str(WORKER.parent))
+    import finetune_worker
+
+    def boom(self, step, **metrics):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(ft.Progress, "update", boom)
+    cfg = finetune_worker.config(str(tmp_path / "new" / "run"), 3, False)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        ft.finetune(cfg, loaded=finetune_worker.tiny_model())
+    assert not (tmp_path / "new").exists()
+
+
+def test_several_adapters_must_be_lora_runs(tmp_path, capsys, monkeypatch):
+    from lowrank_jax import finetune as ft
+
+    lora_run, dora_run = fake_run(tmp_path / "a", method="lora"), fake_run(tmp_path / "b", method="dora")
+    monkeypatch.setattr(ft, "load_model", lambda cfg: pytest.fail("the model was loaded before the input was checked"))
+    line = error_of(["generate", "--prompt", "hi", "--adapter", str(lora_run), "--adapter", str(dora_run)], capsys)
+    assert line == (f"error: several --adapter run in one batch as a bank of LoRA adapters (lora, rslora runs); "
+                    f"{dora_run} is a dora run: generate with it alone")
