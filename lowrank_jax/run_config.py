@@ -20,7 +20,7 @@ from typing import Any
 __all__ = [
     "FinetuneConfig", "METHODS", "METHOD_DEFAULTS", "FIXED_TARGETS", "TARGET_PRESETS", "LINEAR_NAMES",
     "IDENTITY_FIELDS", "UserError", "identity", "resolve_targets", "check_run_dir", "stored_run",
-    "check_writable",
+    "check_writable", "REMAT", "remat_groups", "parse_mesh", "parse_address",
 ]
 
 
@@ -61,6 +61,49 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 MODEL_HAS_BIASES = {MODEL_NAME: False}
 
 
+#: ``--remat`` name -> (LlamaConfig changes, LlamaForCausalLM.remat_groups or "sqrt").
+REMAT = {
+    "none": ({"remat": False, "remat_policy": None}, 1),
+    "full": ({"remat": True, "remat_policy": None}, 1),
+    "dots": ({"remat": True, "remat_policy": "dots_with_no_batch_dims_saveable"}, 1),
+    "offload": ({"remat": True, "remat_policy": "offload_dot_with_no_batch_dims"}, 1),
+    "nested": ({"remat": True, "remat_policy": None}, "sqrt"),
+}
+
+
+def remat_groups(name: str, num_layers: int) -> int:
+    """``LlamaForCausalLM.remat_groups`` of the :data:`REMAT` preset ``name`` for ``num_layers`` blocks
+    (``nested``: the divisor of ``num_layers`` nearest ``sqrt(num_layers)``)."""
+    groups = REMAT[name][1]
+    if groups != "sqrt":
+        return groups
+    return min((d for d in range(1, num_layers + 1) if num_layers % d == 0), key=lambda d: (abs(d - num_layers ** 0.5), d))
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """``"fsdp=4,tensor=2"`` -> ``{"fsdp": 4, "tensor": 2}`` (order kept); ValueError naming a bad entry."""
+    shape: dict[str, int] = {}
+    for entry in filter(None, (e.strip() for e in str(text).split(","))):
+        name, eq, size = entry.partition("=")
+        if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name.strip()) or not size.strip().isdigit() \
+                or int(size) < 1:
+            raise ValueError(f"mesh entry {entry!r} in {text!r} is not NAME=SIZE with SIZE >= 1")
+        if name.strip() in shape:
+            raise ValueError(f"mesh axis {name.strip()!r} appears twice in {text!r}")
+        shape[name.strip()] = int(size)
+    if not shape:
+        raise ValueError(f"mesh {text!r} names no axis (expected e.g. 'fsdp=4,tensor=2')")
+    return shape
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` -> ``(host, port)``; ValueError naming a malformed address."""
+    host, sep, port = str(address).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"coordinator address {address!r} is not HOST:PORT with 0 < PORT < 65536")
+    return host, int(port)
+
+
 def _opt(help: str, **more) -> dict:
     return {"help": help, **more}
 
@@ -95,6 +138,19 @@ class FinetuneConfig:
     save_every: int = dataclasses.field(default=20, metadata=_opt("checkpoint every this many steps"))
     max_to_keep: int = dataclasses.field(default=2, metadata=_opt("checkpoints kept"))
     progress: bool = dataclasses.field(default=True, metadata=_opt("show the progress bar"))
+    remat: str | None = dataclasses.field(default=None, metadata=_opt(
+        f"recompute the blocks in the backward pass: {', '.join(REMAT)} (default: full for qlora, none otherwise)",
+        type=str))
+    mesh: str | None = dataclasses.field(default=None, metadata=_opt(
+        "device mesh, e.g. data=2 or data=2,fsdp=4,tensor=2: the batch over data and fsdp, FSDP over fsdp, "
+        "tensor parallelism over tensor (default: one device; data=<every device> for several processes)", type=str))
+    coordinator: str | None = dataclasses.field(default=None, metadata=_opt(
+        "HOST:PORT of process 0 in a multi-process run (jax.distributed; gloo collectives on CPU; default: none, "
+        "one process)", type=str))
+    num_processes: int = dataclasses.field(default=1, metadata=_opt("processes in the run, one per host"))
+    process_id: int = dataclasses.field(default=0, metadata=_opt("this process's id in [0, --num-processes)"))
+    coordinator_timeout: float = dataclasses.field(default=60.0, metadata=_opt(
+        "seconds to wait for the coordinator and the other processes before giving up"))
 
     def validate(self) -> None:
         """Fills per-method defaults and checks every option against the others (no file is touched)."""
@@ -129,10 +185,36 @@ class FinetuneConfig:
         if self.method == "longlora" and self.seq_len % 8:
             raise UserError(f"--method longlora needs --seq-len divisible by 8 (group = seq_len / 4, shifted by half), "
                             f"got {self.seq_len}")
+        self._validate_scale()
         corpus = pathlib.Path(self.corpus)
         if self.corpus != "shakespeare" and not corpus.is_file():
             there = "is a directory" if corpus.is_dir() else "does not exist"
             raise UserError(f"--corpus {self.corpus!r} {there}: give 'shakespeare' or the path of a UTF-8 text file")
+
+    def _validate_scale(self) -> None:
+        if self.remat is not None and self.remat not in REMAT:
+            raise UserError(f"--remat must be one of {', '.join(REMAT)}, got {self.remat!r}")
+        for flag, text, parse in (("--mesh", self.mesh, parse_mesh), ("--coordinator", self.coordinator, parse_address)):
+            try:
+                if text is not None:
+                    parse(text)
+            except ValueError as e:
+                raise UserError(f"{flag}: {e}") from None
+        for name in ("num_processes", "process_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (name == "num_processes"):
+                kind = "a positive" if name == "num_processes" else "a non-negative"
+                raise UserError(f"--{name.replace('_', '-')} must be {kind} integer, got {value!r}")
+        if not self.process_id < self.num_processes:
+            raise UserError(f"--process-id must be in [0, {self.num_processes}) for --num-processes "
+                            f"{self.num_processes}, got {self.process_id}")
+        if self.num_processes > 1 and self.coordinator is None:
+            raise UserError(f"--num-processes {self.num_processes} needs --coordinator HOST:PORT (process 0's address)")
+        if not self.coordinator_timeout > 0:
+            raise UserError(f"--coordinator-timeout must be positive, got {self.coordinator_timeout}")
+        if self.batch % self.num_processes:
+            raise UserError(f"--batch {self.batch} is not divisible by --num-processes {self.num_processes} "
+                            f"(each process feeds batch / processes rows)")
 
 
 def resolve_targets(targets: str) -> str:
@@ -218,18 +300,22 @@ def check_writable(directory: os.PathLike | str, flag: str) -> None:
                 pass
 
 
-def check_run_dir(cfg: FinetuneConfig) -> tuple[int, dict] | None:
+def check_run_dir(cfg: FinetuneConfig, *, probe: bool = True) -> tuple[int, dict] | None:
     """Refuses an ``--output-dir`` the run cannot use, before anything is loaded; returns :func:`stored_run`.
 
     - a path that is a file, or a directory that cannot be written;
     - a directory holding another run's checkpoints, unless ``--resume`` (same identity) or
       ``--overwrite``;
     - ``--resume`` onto a run of another identity: the error names each differing field.
+
+    ``probe=False`` skips the write probe (processes other than 0 of a multi-process run, which
+    would race process 0's probe in the shared directory).
     """
     out_dir = pathlib.Path(cfg.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--output-dir {str(out_dir)!r} is a file, not a directory")
-    check_writable(out_dir, "--output-dir")
+    if probe:
+        check_writable(out_dir, "--output-dir")
     stored = stored_run(out_dir) if out_dir.is_dir() else None
     if stored is None or cfg.overwrite:
         return stored

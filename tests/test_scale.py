@@ -151,7 +151,7 @@ def test_remat_presets_and_nested_remat_equal_the_plain_model():
     want = grads(LlamaForCausalLM(config))
     for name in plan.REMAT:
         changes, groups = plan.REMAT[name]
-        groups = plan._sqrt_divisor(4) if groups == "sqrt" else groups
+        groups = plan.remat_groups(name, 4)
         model = LlamaForCausalLM(config.replace(**changes), remat_groups=groups)
         got = grads(model)
         diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)))

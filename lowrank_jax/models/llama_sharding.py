@@ -52,6 +52,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from lowrank_jax import tree as tree_lib
+from lowrank_jax.run_config import parse_mesh  # re-exported: the mesh text is a run option, parsed without jax
 
 __all__ = [
     "DEFAULT_RULES",
@@ -94,22 +95,6 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 Rules = Sequence[tuple[str, Sequence[str] | str | None]]
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """``"fsdp=4,tensor=2"`` -> ``{"fsdp": 4, "tensor": 2}`` (order kept); ValueError naming a bad entry."""
-    shape: dict[str, int] = {}
-    for entry in filter(None, (e.strip() for e in str(text).split(","))):
-        name, eq, size = entry.partition("=")
-        if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name.strip()) or not size.strip().isdigit() \
-                or int(size) < 1:
-            raise ValueError(f"mesh entry {entry!r} in {text!r} is not NAME=SIZE with SIZE >= 1")
-        if name.strip() in shape:
-            raise ValueError(f"mesh axis {name.strip()!r} appears twice in {text!r}")
-        shape[name.strip()] = int(size)
-    if not shape:
-        raise ValueError(f"mesh {text!r} names no axis (expected e.g. 'fsdp=4,tensor=2')")
-    return shape
 
 
 def make_mesh(shape: Mapping[str, int] | str, *, axis_type: AxisType = AxisType.Explicit, devices=None) -> Mesh:
