@@ -214,3 +214,50 @@ def test_perplexity_at_the_target_length(tiny):
     assert 1.0 < ppl < 1000.0
     with pytest.raises(ValueError, match="needs at least 32 tokens"):
         longlora.perplexity(model, variables["params"], tokens[:20], T)
+
+
+class DenseUnderMask:
+    """Full attention restricted to :func:`s2_mask`'s explicit ``[N, T, T]`` pattern: S2-Attn's definition,
+    computed the slow way, as a hashable ``attention_fn``."""
+
+    def __init__(self, variant):
+        self.variant = variant
+
+    def __hash__(self):
+        return hash(("dense-under-s2-mask", self.variant))
+
+    def __eq__(self, other):
+        return isinstance(other, DenseUnderMask) and other.variant == self.variant
+
+    def __call__(self, query, key, value, *, mask=None, is_causal=True, **unused):
+        from lowrank_jax.attention import s2_mask
+
+        t, n = query.shape[1], query.shape[2]
+        allowed = jnp.asarray(s2_mask(t, n, group_size=t // 4, variant=self.variant, is_causal=is_causal))[None]
+        if mask is not None:
+            allowed = allowed & mask
+        return jax.nn.dot_product_attention(query, key, value, mask=allowed)
+
+
+@pytest.mark.parametrize("variant", ["no_wrap", "roll"])
+def test_s2_in_the_model_equals_attention_under_the_s2_mask(tiny, variant):
+    """The model-level check the parity tests (on bare q, k, v) could not make: RoPE is applied at each
+    token's own position before the shift, grouped-query heads are split as the mask says, and the
+    grouped computation inside the scanned blocks gives the logits of attention under the explicit mask.
+    This is what makes a first LongLoRA loss far above full attention's (7.2 against 4.0 on SmolLM2,
+    benchmarks/bench_longlora_loss.py) the pattern's own effect and not a wrong roll."""
+    train_config, eval_config, variables, ids = tiny
+    x = ids[:, :-1]
+    s2 = LlamaForCausalLM(train_config.replace(attention_fn=S2Attention(variant=variant))).apply(variables, x)
+    dense = LlamaForCausalLM(eval_config.replace(attention_fn=DenseUnderMask(variant))).apply(variables, x)
+    np.testing.assert_allclose(s2, dense, atol=2e-5, rtol=1e-5)
+    # and a pattern that differs (no shift at all) is visibly different: the check has power
+    plain = np.tril(np.ones((T, T), bool)) & (np.arange(T)[:, None] // 8 == np.arange(T)[None] // 8)
+
+    class NoShift(DenseUnderMask):
+        def __call__(self, query, key, value, *, mask=None, is_causal=True, **unused):
+            allowed = jnp.asarray(plain)[None, None] & (mask if mask is not None else True)
+            return jax.nn.dot_product_attention(query, key, value, mask=allowed)
+
+    unshifted = LlamaForCausalLM(eval_config.replace(attention_fn=NoShift("none"))).apply(variables, x)
+    assert float(jnp.abs(unshifted - s2).max()) > 1e-3
