@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core.scope import in_filter
 
 from lowrank_jax import contractions, sites
 from lowrank_jax import tree as tree_lib
@@ -117,7 +118,7 @@ def _own_targets(module) -> list[str]:
 
 
 def _adapt_unknown_layer(module, method_name: str, args, kwargs, own: list[str], adapter, executed, strip: str,
-                         shared: dict, call_args: dict):
+                         shared: dict, call_args: dict, sown: set | None = None):
     """A layer the bridge does not know that owns a target: adapted at the contraction consuming its
     kernel (:mod:`lrj.contractions`), or refused naming the target."""
     path = "/".join(("params", *module.scope.path, own[0]))
@@ -138,8 +139,9 @@ def _adapt_unknown_layer(module, method_name: str, args, kwargs, own: list[str],
         return module.clone(parent=None).apply(with_kernel, *a, method=method_name, **kw)
 
     def adapted(site, x, y):
-        return adapter.apply(leaves, site, x, y, path=path.removeprefix(strip) if strip else path,
-                             dropout_key=injected.get("dropout_key"), **call_args)
+        out = adapter.apply(leaves, site, x, y, path=path.removeprefix(strip) if strip else path,
+                            dropout_key=injected.get("dropout_key"), **call_args)
+        return _sow_aux(module, name, out, sown)
 
     out, contracted = contractions.adapt_contractions(call, kernel, args, kwargs, adapted, path)
     if contracted and executed is not None:
@@ -147,8 +149,32 @@ def _adapt_unknown_layer(module, method_name: str, args, kwargs, own: list[str],
     return out
 
 
+def _sow_aux(module, name: str, out, sown: set | None = None):
+    """The layer output of an adapter's ``apply``; its ``base.WithAux`` values are sown into the collection
+    ``base.AUX_COLLECTION`` under the target's path (kept only when that collection is mutable; the paths
+    of all such values are added to ``sown``)."""
+    y, aux = base.split_aux(out)
+    if aux is not None:
+        module.sow(base.AUX_COLLECTION, name, aux)
+        if sown is not None:
+            sown.add("/".join((*module.scope.path, name)))
+    return y
+
+
+def _check_aux_returned(sown: set, result) -> None:
+    """Raises naming the sown aux values that ``model.apply`` did not return (an ``nn.scan`` whose
+    ``variable_axes`` lack the collection drops them silently)."""
+    collection = result[1].get(base.AUX_COLLECTION, {}) if isinstance(result, tuple) and len(result) == 2 else {}
+    returned = {path for _, path, _ in tree_lib.flatten_with_paths(collection)}
+    lost = sorted(p for p in sown if not any(r == p or r.startswith(p + "/") for r in returned))
+    if lost:
+        raise ValueError(
+            f"auxiliary adapter outputs of {lost[:8]} were sown into {base.AUX_COLLECTION!r} but not returned: give the "
+            f"nn.scan around them variable_axes={{..., {base.AUX_COLLECTION!r}: 0}} (or drop it from `mutable`)")
+
+
 def _interceptor(adapter: base.Adapter | None, executed: set | None = None, strip: str = "", shared=None,
-                 call_args=None):
+                 call_args=None, sown: set | None = None):
     call_args = call_args or {}
 
     def intercept(next_fun, args, kwargs, context):
@@ -161,7 +187,7 @@ def _interceptor(adapter: base.Adapter | None, executed: set | None = None, stri
             if not own:
                 return next_fun(*args, **kwargs)
             return _adapt_unknown_layer(module, context.method_name, args, kwargs, own, adapter, executed, strip,
-                                        shared or {}, call_args)
+                                        shared or {}, call_args, sown)
         name = _param_name(module)
         if not module.has_variable("params", name):  # module.init: nothing to adapt yet
             return next_fun(*args, **kwargs)
@@ -187,6 +213,7 @@ def _interceptor(adapter: base.Adapter | None, executed: set | None = None, stri
         if out_perm is not None:
             y = jnp.transpose(y, tuple(sorted(range(len(out_perm)), key=out_perm.__getitem__)))
         y = adapter.apply(leaves, site, x, y, path=path, dropout_key=injected.get("dropout_key"), **call_args)
+        y = _sow_aux(module, name, y, sown)
         return y if out_perm is None else jnp.transpose(y, out_perm)
 
     return intercept
@@ -250,6 +277,15 @@ def apply(model: nn.Module, adapter: base.Adapter, variables, adapter_params, *a
         ``adapter_index``), which go to every site's ``adapter.apply``.
       dropout_rng: key for dropout on the adapter branch; ``None`` disables it (eval).
 
+    Auxiliary outputs: an adapter whose ``apply`` returns ``base.WithAux`` (a mixture's router
+    statistics, :func:`lowrank_jax.adapters.moe.mixlora`) has them sown into the collection
+    ``base.AUX_COLLECTION`` (``"adapter_aux"``) under each target's path. Ask for it like any linen
+    collection: ``y, state = lrj.linen.apply(model, adapter, params, lp, x, mutable=["adapter_aux"])``,
+    then ``lowrank_jax.adapters.moe.aux_loss(state)``. Without ``mutable`` the values are dropped (flax's
+    ``sow``); inside ``nn.scan`` the scan's ``variable_axes`` must include ``{"adapter_aux": 0}``
+    (``nn.remat`` needs nothing); values sown but not returned (a scan without that axis) raise
+    ``ValueError`` naming the targets.
+
     Raises:
       ValueError: naming every target the call did not execute (a layer this call does not
         use): such a target would otherwise silently get zero gradients.
@@ -261,9 +297,13 @@ def apply(model: nn.Module, adapter: base.Adapter, variables, adapter_params, *a
     injected = inject(adapter, variables, adapter_params, dropout_rng=dropout_rng)
     executed: set[str] = set()
     shared = tree_lib.shared_of(adapter_params)
-    intercept = _interceptor(adapter, executed, strip="params/" if bare else "", shared=shared, call_args=call_args)
+    sown: set[str] = set()
+    intercept = _interceptor(adapter, executed, strip="params/" if bare else "", shared=shared, call_args=call_args,
+                             sown=sown)
     with nn.intercept_methods(intercept):
         out = model.apply(injected, *args, **kwargs)
+    if sown and in_filter(kwargs.get("mutable", False), base.AUX_COLLECTION):
+        _check_aux_returned(sown, out)
     site_params, _ = base.substitutions(adapter, adapter_params)
     targets = [path for _, path, _, _ in base.resolve_targets(site_params, variables, adapter.leaf_names)]
     missed = [path.removeprefix("params/") if bare else path for path in targets if path not in executed]

@@ -32,13 +32,18 @@ from lowrank_jax import contractions, sites
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import base
 
-__all__ = ["AdapterParam", "apply", "apply_base", "kernel_layouts", "params"]
+__all__ = ["AdapterAux", "AdapterParam", "apply", "apply_base", "kernel_layouts", "params"]
 
 PREFIX = "lrj_"
 
 
 class AdapterParam(fnnx.Param):
     """Adapter leaves placed in a model copy (a ``Param`` so ``StateAxes({nnx.Param: 0})`` scans slice it)."""
+
+
+class AdapterAux(fnnx.Intermediate):
+    """An adapter's auxiliary output (``base.WithAux``) sown on its layer in the model copy during
+    ``apply(..., with_aux=True)``; under ``nnx.scan`` give it a scan axis (``nnx.StateAxes({..., AdapterAux: 0})``)."""
 
 
 _ACTIVE: contextvars.ContextVar[dict] = contextvars.ContextVar("lowrank_jax_nnx_active", default={})
@@ -108,7 +113,7 @@ def _run(module, kind: str, original, args, kwargs):
     active = _ACTIVE.get().get(token)
     if active is None:
         raise RuntimeError(f"adapted layer {path!r} was called outside lrj.nnx.apply")
-    adapter, executed, shared, call_args = active
+    adapter, executed, shared, call_args, with_aux = active
     executed.add(path)
     leaves = {**{n: getattr(module, PREFIX + n)[...] for n in module._lrj_leaves}, **shared}
     key_var = getattr(module, PREFIX + "dropout_key", None)
@@ -116,7 +121,34 @@ def _run(module, kind: str, original, args, kwargs):
     if out_perm is not None:
         y = jnp.transpose(y, tuple(sorted(range(len(out_perm)), key=out_perm.__getitem__)))
     y = adapter.apply(leaves, site, x, y, path=path, dropout_key=None if key_var is None else key_var[...], **call_args)
+    y = _sow_aux(module, y, with_aux)
     return y if out_perm is None else jnp.transpose(y, out_perm)
+
+
+AUX_NAME = PREFIX + "aux"
+
+
+def _sow_aux(module, out, with_aux: bool):
+    """The layer output of an adapter's ``apply``; with ``with_aux`` its ``base.WithAux`` values are sown
+    on ``module`` as an :class:`AdapterAux` (a tuple, one entry per call)."""
+    y, aux = base.split_aux(out)
+    if aux is not None and with_aux:  # what Module.sow did (now deprecated outside nnx.capture), kept as a variable
+        var = getattr(module, AUX_NAME, None)  # so that nnx.scan/nnx.remat carry it like any state
+        if isinstance(var, AdapterAux):
+            var.set_value((*var.get_value(), aux))
+        else:
+            setattr(module, AUX_NAME, AdapterAux((aux,)))
+    return y
+
+
+def _collect_aux(clone) -> dict:
+    """``{AUX_COLLECTION: {*module path: {kernel name: (aux, ...)}}}``: the sown values, as linen's collection."""
+    found = {}
+    for path, module in fnnx.iter_modules(clone):
+        var = getattr(module, AUX_NAME, None)
+        if isinstance(var, AdapterAux):
+            found[(*path, module._lrj_path.rsplit("/", 1)[-1])] = var.get_value()
+    return {base.AUX_COLLECTION: tree_lib.nest(found)}
 
 
 def _is_known(cls: type) -> bool:
@@ -129,7 +161,7 @@ def _run_unknown(module, original, args, kwargs):
     active = _ACTIVE.get().get(module._lrj_token)
     if active is None:
         raise RuntimeError(f"adapted layer {path!r} was called outside lrj.nnx.apply")
-    adapter, executed, shared, call_args = active
+    adapter, executed, shared, call_args, with_aux = active
     kernel = getattr(module, name).get_value()
     if tree_lib.is_quantized(kernel):
         kernel = kernel.dequantize(getattr(module, "dtype", None) or kernel.dtype)
@@ -143,8 +175,9 @@ def _run_unknown(module, original, args, kwargs):
         return original(copy, *a, **kw)
 
     def adapted(site, x, y):
-        return adapter.apply(leaves, site, x, y, path=path, dropout_key=None if key_var is None else key_var[...],
-                             **call_args)
+        out = adapter.apply(leaves, site, x, y, path=path, dropout_key=None if key_var is None else key_var[...],
+                            **call_args)
+        return _sow_aux(module, out, with_aux)
 
     out, contracted = contractions.adapt_contractions(call, kernel, args, kwargs, adapted, path)
     if contracted:
@@ -170,8 +203,8 @@ def _adapted_class(cls: type) -> type:
 
 
 @contextlib.contextmanager
-def _active(token: int, adapter, executed: set, shared: dict, call_args: dict):
-    reset = _ACTIVE.set({**_ACTIVE.get(), token: (adapter, executed, shared, call_args)})
+def _active(token: int, adapter, executed: set, shared: dict, call_args: dict, with_aux: bool = False):
+    reset = _ACTIVE.set({**_ACTIVE.get(), token: (adapter, executed, shared, call_args, with_aux)})
     try:
         yield
     finally:
@@ -225,11 +258,19 @@ def adapted_copy(model, adapter: base.Adapter | None, adapter_params, *, dropout
     return clone, token
 
 
-def apply(model, adapter: base.Adapter, adapter_params, *args, dropout_rng=None, method: str = "__call__", **kwargs):
+def apply(model, adapter: base.Adapter, adapter_params, *args, dropout_rng=None, method: str = "__call__",
+          with_aux: bool = False, **kwargs):
     """``getattr(model, method)(*args, **kwargs)`` with the adapter executed in factored form.
 
     ``model`` is left unchanged: the call runs on a copy of its graph. Works
     under ``jax.jit``/``jax.grad`` with respect to ``adapter_params``.
+
+    With ``with_aux=True`` returns ``(output, aux)``: the auxiliary values of an adapter whose
+    ``apply`` returns ``base.WithAux`` (a mixture's router statistics,
+    :func:`lowrank_jax.adapters.moe.mixlora`), sown as :class:`AdapterAux` on each adapted layer of the
+    copy and returned as linen's collection is, ``{"adapter_aux": {*path: {kernel name: (aux, ...)}}}``
+    (feed it to ``lowrank_jax.adapters.moe.aux_loss``). Inside ``nnx.scan`` the scanned state must give
+    ``AdapterAux`` an axis (``nnx.StateAxes({nnx.Param: 0, lrj.nnx.AdapterAux: 0, ...})``).
 
     Raises:
       ValueError: naming every target the call did not execute (it would get zero gradients).
@@ -237,8 +278,14 @@ def apply(model, adapter: base.Adapter, adapter_params, *args, dropout_rng=None,
     call_args = base.take_call_args(adapter, kwargs)
     clone, token = adapted_copy(model, adapter, adapter_params, dropout_rng=dropout_rng)
     executed: set[str] = set()
-    with _active(token, adapter, executed, tree_lib.shared_of(adapter_params), call_args):
-        out = getattr(clone, method)(*args, **kwargs)
+    with _active(token, adapter, executed, tree_lib.shared_of(adapter_params), call_args, with_aux):
+        try:
+            out = getattr(clone, method)(*args, **kwargs)
+        except ValueError as e:
+            if not with_aux:
+                raise
+            raise ValueError(f"{e} [with_aux=True: an nnx.scan/nnx.vmap over adapted layers must give "
+                             f"lrj.nnx.AdapterAux an axis, e.g. nnx.StateAxes({{nnx.Param: 0, AdapterAux: 0, ...: None}})]") from e
     site_params, _ = base.substitutions(adapter, adapter_params)
     targets = [path for _, path, _, _ in base.resolve_targets(site_params, params(clone), adapter.leaf_names)]
     missed = [path for path in targets if path not in executed]
@@ -247,7 +294,7 @@ def apply(model, adapter: base.Adapter, adapter_params, *args, dropout_rng=None,
             f"adapter targets were not executed by this call: {missed[:8]}{' ...' if len(missed) > 8 else ''}. "
             f"A targeted layer this `method=` does not call gets no gradient; narrow `targets`."
         )
-    return out
+    return (out, _collect_aux(clone)) if with_aux else out
 
 
 def apply_base(model, *args, method: str = "__call__", **kwargs):

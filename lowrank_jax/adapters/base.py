@@ -19,7 +19,8 @@ from jax import lax
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.mesh_ops import contract, match_sharding, replicated  # noqa: F401  (adapters call base.contract...)
 
-__all__ = ["Adapter", "Leaf", "Site", "low_rank", "dropout", "split", "join", "freeze", "take_call_args"]
+__all__ = ["AUX_COLLECTION", "Adapter", "Leaf", "Site", "WithAux", "low_rank", "dropout", "split", "join", "freeze",
+           "split_aux", "take_call_args"]
 
 
 class Site(NamedTuple):
@@ -59,7 +60,8 @@ class Adapter(NamedTuple):
       frozen state (see ``roles``), mirroring the targeted paths of ``params``; :func:`split`
       separates the two. ``params`` may be bare or ``{"params": ...}``.
     apply(leaves, site, x, y, *, path, dropout_key=None) -> y': the adapted output of
-      one layer call; bridges call it, users rarely do.
+      one layer call; bridges call it, users rarely do. It may return :class:`WithAux` ``(y', aux)``
+      instead: the bridges deliver ``aux`` through the model call (:data:`AUX_COLLECTION`).
     merge(params, adapter_params) -> params: the dense weights ``W + delta`` (inference, export).
     unmerge(params, adapter_params) -> params: the inverse of ``merge``.
     penalty(params, adapter_params) -> scalar: the method's regulariser before its weight.
@@ -88,6 +90,32 @@ class Adapter(NamedTuple):
     roles: dict | None = None
     layouts: Any = None
     call_args: frozenset = frozenset()
+
+
+#: Name of the linen collection (``model.apply(..., mutable=[AUX_COLLECTION])``) and of the top key of
+#: the tree ``lrj.nnx.apply(..., with_aux=True)`` returns, that carry the adapters' auxiliary outputs.
+AUX_COLLECTION = "adapter_aux"
+
+
+class WithAux(NamedTuple):
+    """An adapter ``apply``'s output ``y`` with auxiliary values ``aux`` (any pytree: router statistics...).
+
+    The bridges return ``y`` to the layer's caller and deliver ``aux`` through the same call that
+    returns the model output, never a global: linen sows it into the collection
+    :data:`AUX_COLLECTION` (returned when it is ``mutable``; give ``nn.scan`` ``variable_axes``
+    ``{AUX_COLLECTION: 0}`` to stack it over layers), NNX sows an ``lrj.nnx.AdapterAux`` variable
+    (returned with ``with_aux=True``). Either way the tree mirrors the target paths, e.g.
+    ``{"adapter_aux": {"layers_0": {"up": {"kernel": (aux,)}}}}`` (a tuple: one entry per call).
+    Adapters that return plain arrays are unaffected.
+    """
+
+    y: Any
+    aux: Any
+
+
+def split_aux(out) -> tuple[Any, Any]:
+    """``(y, aux)`` from what an adapter's ``apply`` returned; ``aux`` is ``None`` for a plain array."""
+    return (out.y, out.aux) if isinstance(out, WithAux) else (out, None)
 
 
 class Leaf(NamedTuple):

@@ -437,7 +437,7 @@ class LlamaForCausalLM(nn.Module):
         if c.num_hidden_layers % groups:
             raise ValueError(f"`remat_groups` {groups} does not divide num_hidden_layers {c.num_hidden_layers}")
         policy = self._remat_policy()
-        scan = functools.partial(nn.scan, variable_axes={"params": 0, "cache": 0},
+        scan = functools.partial(nn.scan, variable_axes={"params": 0, "cache": 0, "adapter_aux": 0},
                                  split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * 4)
         inner = scan(nn.remat(LlamaDecoderLayer, prevent_cse=False, policy=policy),
                      length=c.num_hidden_layers // groups)
@@ -466,7 +466,7 @@ class LlamaForCausalLM(nn.Module):
         if c.remat:
             block = nn.remat(block, prevent_cse=not c.scan_layers, policy=self._remat_policy())
         if c.scan_layers:
-            block = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+            block = nn.scan(block, variable_axes={"params": 0, "cache": 0, "adapter_aux": 0},
                             split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast,) * 4, length=c.num_hidden_layers)
         return functools.partial(block, c, decode=decode, activation_sharding=self.activation_sharding)
@@ -701,23 +701,26 @@ def generate(model: LlamaForCausalLM, params, prompts: Sequence[Sequence[int]] |
 # --------------------------------------------------------------------------- evaluation
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _window_nll_sums(model, params, windows):
-    """``[B]`` summed next-token NLL of each window."""
-    logits = model.apply({"params": params}, windows).astype(jnp.float32)
+@functools.partial(jax.jit, static_argnames=("model", "adapter"))
+def _window_nll_sums(model, params, windows, adapter=None, adapter_params=None):
+    """``[B]`` summed next-token NLL of each window (through the adapter in factored form when given)."""
+    forward = _forward(model, None if adapter is None else adapter.value, params, adapter_params, None)
+    logits = forward({"params": params}, windows).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     target = windows[:, 1:]
     return -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0].sum(axis=-1)
 
 
 def mean_nll(model: LlamaForCausalLM, params, token_ids, *, window: int = 512,
-             batch_size: int = 4) -> float:
+             batch_size: int = 4, adapter=None, adapter_params=None) -> float:
     """Mean next-token negative log-likelihood (nats) over non-overlapping windows.
 
     ``token_ids`` (1-D) is cut into ``len // window`` windows of ``window``
     tokens (the ragged tail is dropped); each window predicts its tokens
     ``1..window-1`` from its own prefix only. Windows run ``batch_size`` at a
     time through one jitted program (the last batch is padded, not recompiled).
+    ``adapter``, ``adapter_params``: evaluate with the adapter in factored form
+    (``lrj.linen.apply``), for adapters that have no dense merge (a routed mixture).
     """
     ids = np.asarray(token_ids, dtype=np.int32).ravel()
     if window < 2:
@@ -733,12 +736,14 @@ def mean_nll(model: LlamaForCausalLM, params, token_ids, *, window: int = 512,
         real = len(batch)
         if real < batch_size:   # pad the last batch (one compiled shape); padded rows are ignored
             batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - real, axis=0)])
-        sums = _window_nll_sums(model, params, jnp.asarray(batch))
+        sums = _window_nll_sums(model, params, jnp.asarray(batch), None if adapter is None else _ByIdentity(adapter),
+                                adapter_params)
         total += float(np.asarray(sums, np.float64)[:real].sum())
     return total / (n * (window - 1))
 
 
 def perplexity(model: LlamaForCausalLM, params, token_ids, *, window: int = 512,
-               batch_size: int = 4) -> float:
+               batch_size: int = 4, adapter=None, adapter_params=None) -> float:
     """``exp(mean_nll(...))``: perplexity over non-overlapping windows (see :func:`mean_nll`)."""
-    return float(np.exp(mean_nll(model, params, token_ids, window=window, batch_size=batch_size)))
+    return float(np.exp(mean_nll(model, params, token_ids, window=window, batch_size=batch_size, adapter=adapter,
+                                 adapter_params=adapter_params)))
