@@ -141,7 +141,10 @@ def _cmd_generate(args) -> int:
                    top_k=args.top_k)
     if len(runs) == 1 and not args.with_base:
         recipe, trainable = restored[0]
-        out = generate(recipe.eval_model, recipe.eval_params(trainable), ids, **options)
+        from lowrank_jax.finetune import evaluation_inputs
+
+        params, adapter_options = evaluation_inputs(recipe, trainable)
+        out = generate(recipe.eval_model, params, ids, **options, **adapter_options)
     elif runs:
         import jax
         import numpy as np
@@ -187,6 +190,7 @@ def hf_state_dict(params) -> dict:
 def _cmd_merge(args) -> int:
     from safetensors.numpy import save_file
 
+    from lowrank_jax import run_config as rc
     from lowrank_jax.run_config import UserError, check_writable
 
     output = pathlib.Path(args.output)
@@ -195,7 +199,10 @@ def _cmd_merge(args) -> int:
     if output.is_dir():
         raise UserError(f"--output {str(output)!r} is a directory; give a file name ending in .safetensors")
     check_writable(output.parent, f"--output {str(output)!r}: its directory")
-    _check_run(args.adapter)
+    method = _check_run(args.adapter).get("finetune", {}).get("method")
+    if method in rc.MIXTURES:
+        raise UserError(f"{args.adapter} holds a {method} run: a mixture routes each token to its experts, so it has no "
+                        f"merged weights; use `lowrank-jax generate --adapter {args.adapter}`")
     from lowrank_jax.finetune import restore_adapter
 
     recipe, trainable, _, _ = restore_adapter(args.adapter)

@@ -36,7 +36,7 @@ __all__ = ["FinetuneConfig", "RECIPES", "Recipe", "TARGET_PRESETS", "finetune", 
 
 
 from lowrank_jax.run_config import (  # noqa: E402  (re-exported: the jax-free options and their checks)
-    FIXED_TARGETS, LINEAR_NAMES, METHOD_DEFAULTS, METHODS, MODEL_HAS_BIASES, MODEL_NAME, TARGET_PRESETS,
+    FIXED_TARGETS, LINEAR_NAMES, METHOD_DEFAULTS, METHODS, MIXTURES, MODEL_HAS_BIASES, MODEL_NAME, TARGET_PRESETS,
     FinetuneConfig, UserError, check_run_dir, identity, resolve_targets,
 )
 
@@ -51,6 +51,9 @@ class Recipe(NamedTuple):
     eval_model: the model used for evaluation and generation.
     optimizer: the optax transformation (learning-rate schedule included).
     config: JSON-able description, saved with every checkpoint.
+    eval_adapter: an adapter with no dense merge (a routed mixture): evaluation and generation run
+      ``eval_model`` on ``eval_params(trainable)`` (the base) with it applied to ``trainable`` in
+      factored form; ``None``: ``eval_params`` merges.
     adapter: the :class:`lrj.Adapter` of ``trainable`` when it has one: its roles split off frozen
       state (VeRA's projections), which is then neither differentiated nor optimised.
     penalty: the weight of ``adapter.penalty`` in the objective (AdaLoRA's orthogonal regulariser).
@@ -70,6 +73,15 @@ class Recipe(NamedTuple):
     penalty: float = 0.0
     post_init: Callable | None = None
     post_step: Callable | None = None
+    eval_adapter: Any = None
+
+
+def evaluation_inputs(recipe: Recipe, trainable) -> tuple[Any, dict]:
+    """``(params, adapter options)`` with which ``recipe.eval_model`` evaluates or generates from
+    ``trainable`` (:func:`lowrank_jax.models.llama.perplexity` and ``generate`` take both)."""
+    if recipe.eval_adapter is None:
+        return recipe.eval_params(trainable), {}
+    return recipe.eval_params(trainable), {"adapter": recipe.eval_adapter, "adapter_params": trainable}
 
 
 def schedule(cfg: FinetuneConfig):
@@ -77,9 +89,11 @@ def schedule(cfg: FinetuneConfig):
     return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, cfg.steps + 1, cfg.lr * 0.1)
 
 
-def build_adapter(cfg: FinetuneConfig, layouts):
-    """The adapter of ``cfg.method`` on ``cfg.targets`` (the adapter methods of :data:`RECIPES`)."""
-    from lowrank_jax.adapters import adalora, dora, ia3, vera
+def build_adapter(cfg: FinetuneConfig, layouts, params=None):
+    """The adapter of ``cfg.method`` on ``cfg.targets`` (the adapter methods of :data:`RECIPES`);
+    LaMDA++ reads its per-layer ranks from ``params``."""
+    from lowrank_jax import tree as tree_lib
+    from lowrank_jax.adapters import adalora, aflora, dora, ia3, lamda, moe, vera
 
     targets = resolve_targets(cfg.targets)
     if cfg.method in ("lora", "rslora", "qlora"):
@@ -96,7 +110,34 @@ def build_adapter(cfg: FinetuneConfig, layouts):
         return adalora.adalora(init_r=cfg.rank, target_r=max(1, 2 * cfg.rank // 3), total_step=cfg.steps,
                                tinit=cfg.steps // 10, tfinal=cfg.steps // 5, alpha=cfg.alpha, targets=targets,
                                dropout=cfg.dropout, layouts=layouts)
+    if cfg.method == "lamda":
+        return lamda.lamda(rank=cfg.rank, alpha=cfg.alpha, targets=targets, max_steps=cfg.steps, dropout=cfg.dropout,
+                           layouts=layouts)
+    if cfg.method == "lamda++":  # the budget of LaMDA at --rank on every target, shared by spectral energy
+        total = cfg.rank * len(tree_lib.select_targets(params, targets, layouts))
+        return lamda.lamda_plus(total, cfg.alpha, targets, cfg.steps, params, dropout=cfg.dropout, layouts=layouts)
+    if cfg.method == "aflora":
+        return aflora.aflora(rank=cfg.rank, targets=targets, dropout=cfg.dropout, layouts=layouts)
+    if cfg.method == "molora":  # soft routing, as the for-ai code
+        return moe.molora(cfg.experts, cfg.rank, cfg.alpha, targets, dropout=cfg.dropout, layouts=layouts)
+    if cfg.method == "mixlora":  # top-2 renormalised with the load-balancing loss, as MoE-PEFT
+        return moe.mixlora(cfg.experts, cfg.rank, cfg.alpha, targets, dropout=cfg.dropout, layouts=layouts)
+    if cfg.method == "malora":  # the experts' down-projections share one rank-r subspace
+        return moe.malora(cfg.experts, cfg.rank, cfg.rank, cfg.alpha, targets, dropout=cfg.dropout, layouts=layouts)
     raise ValueError(f"{cfg.method!r} is not an adapter method")
+
+
+def with_freezing(cfg: FinetuneConfig, adapter, optimizer):
+    """``optimizer`` with the method's own freezing: LaMDA's of B's rank components (the official
+    code's gradient zeroing), AFLoRA's of its projections by score; others unchanged."""
+    from lowrank_jax import optim
+    from lowrank_jax.adapters import aflora
+
+    if cfg.method in ("lamda", "lamda++"):
+        return optim.lamda_freeze(adapter, optimizer)
+    if cfg.method == "aflora":
+        return aflora.aflora_freezing(optimizer, total_step=cfg.steps, warmup_steps=max(1, cfg.steps // 20))
+    return optimizer
 
 
 def lora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
@@ -106,19 +147,30 @@ def lora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
     from lowrank_jax.adapters import adalora
 
     variables = {"params": params}
-    adapter = build_adapter(cfg, linen.kernel_layouts(model, jnp.zeros((1, 8), jnp.int32)))
     try:
+        adapter = build_adapter(cfg, linen.kernel_layouts(model, jnp.zeros((1, 8), jnp.int32)), variables)
         lora_params = adapter.init(jax.random.key(cfg.seed), variables)
     except ValueError as e:
         raise UserError(f"--targets {cfg.targets!r}: {e}") from None
 
-    def loss_fn(lora_params, variables, batch, rng):
-        logits = linen.apply(model, adapter, variables, lora_params, batch[:, :-1], dropout_rng=rng)
-        return cross_entropy(logits, batch[:, 1:])
+    aux = adapter.config.get("aux_loss_coef", 0.0) > 0  # a mixture's load-balancing loss (MixLoRA)
 
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule(cfg), weight_decay=0.0))
+    def loss_fn(lora_params, variables, batch, rng):
+        if not aux:
+            logits = linen.apply(model, adapter, variables, lora_params, batch[:, :-1], dropout_rng=rng)
+            return cross_entropy(logits, batch[:, 1:])
+        from lowrank_jax.adapters import moe
+
+        logits, state = linen.apply(model, adapter, variables, lora_params, batch[:, :-1], dropout_rng=rng,
+                                    mutable=[moe.base.AUX_COLLECTION])
+        return cross_entropy(logits, batch[:, 1:]) + moe.aux_loss(state)
+
+    optimizer = with_freezing(cfg, adapter, optax.chain(optax.clip_by_global_norm(1.0),
+                                                        optax.adamw(schedule(cfg), weight_decay=0.0)))
     recipe = Recipe(lora_params, variables, loss_fn, lambda lp: adapter.merge(variables, lp)["params"], model,
                     optimizer, {"adapter": adapter.config}, adapter=adapter)
+    if cfg.method in MIXTURES:  # routed per input: no dense merge
+        recipe = recipe._replace(eval_params=lambda lp: params, eval_adapter=adapter)
     if cfg.method == "adalora":
         allocator = adalora.adalora_allocator(adapter, lora_params)
         recipe = recipe._replace(penalty=adapter.config["orth_reg_weight"], post_init=allocator.init,
@@ -216,11 +268,31 @@ def galore_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
                   {"adapter": {"method": "galore", "rank": cfg.rank, "update_proj_gap": 200, "scale": 0.25}})
 
 
+def lisa_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
+    """LISA: full-parameter AdamW on 2 of the decoder layers at a time, drawn again every 20 steps
+    (LMFlow's defaults), embeddings, final norm and head always trained. Checkpoints hold the whole model.
+
+    Pan et al, `LISA <https://arxiv.org/abs/2403.17919>`_, 2024.
+    """
+    from lowrank_jax import optim
+
+    trainable = jax.tree.map(jnp.copy, params)  # the train step donates it; the loaded base stays intact
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optim.lisa(schedule(cfg), n_layers=2, interval=20,
+                                                                        key=cfg.seed))
+
+    def loss_fn(params, _frozen, batch, rng):
+        return cross_entropy(model.apply({"params": params}, batch[:, :-1]), batch[:, 1:])
+
+    return Recipe(trainable, {}, loss_fn, lambda p: p, model, optimizer,
+                  {"adapter": {"method": "lisa", "n_layers": 2, "interval": 20}})
+
+
 #: method name -> recipe builder ``(cfg, model, params) -> Recipe``
 RECIPES: dict[str, Callable[..., Recipe]] = {
     "lora": lora_recipe, "rslora": lora_recipe, "dora": lora_recipe, "vera": lora_recipe, "ia3": lora_recipe,
     "adalora": lora_recipe, "bitfit": bitfit_recipe, "qlora": qlora_recipe, "longlora": longlora_recipe,
-    "galore": galore_recipe,
+    "galore": galore_recipe, "lamda": lora_recipe, "lamda++": lora_recipe, "aflora": lora_recipe, "lisa": lisa_recipe,
+    "molora": lora_recipe, "mixlora": lora_recipe, "malora": lora_recipe,
 }
 
 class Progress:
@@ -329,7 +401,8 @@ def load_model(cfg: FinetuneConfig):
     from lowrank_jax.models.llama import LlamaForCausalLM
 
     try:
-        config, params = gguf.load_smollm2(scan_layers=True)
+        # LaMDA++ gives each layer its own rank: the layers are not stacked for it
+        config, params = gguf.load_smollm2(scan_layers=cfg.method != "lamda++")
         tok = tokenizer.smollm2_tokenizer()
     except (ImportError, FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
@@ -589,7 +662,12 @@ def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded, mesh) -> dict:
     eval_ids = heldout_ids[: (len(heldout_ids) // cfg.eval_window) * cfg.eval_window]
     log(f"perplexity on held-out text ({len(eval_ids):,d} tokens, windows of {cfg.eval_window}) ...")
     # before training the adapted model is the base (B = 0), quantised for QLoRA
-    ppl_before = perplexity(recipe.eval_model, recipe.eval_params(recipe.trainable), eval_ids, window=cfg.eval_window)
+
+    def held_out_perplexity(trainable) -> float:
+        params, options = evaluation_inputs(recipe, trainable)
+        return perplexity(recipe.eval_model, params, eval_ids, window=cfg.eval_window, **options)
+
+    ppl_before = held_out_perplexity(recipe.trainable)
     log(f"perplexity before: {ppl_before:.3f}")
 
     def save(step: int) -> None:
@@ -616,7 +694,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded, mesh) -> dict:
                 raise KeyboardInterrupt
 
     trained = lora_params if mesh is None else gathered(lora_params)
-    ppl_after = perplexity(recipe.eval_model, recipe.eval_params(trained), eval_ids, window=cfg.eval_window)
+    ppl_after = held_out_perplexity(trained)
     log(f"perplexity after: {ppl_after:.3f} (before: {ppl_before:.3f})")
     window = max(1, min(10, len(losses) // 5))
     smoothed = [float(np.mean(losses[max(0, i + 1 - window): i + 1])) for i in range(len(losses))]

@@ -18,7 +18,7 @@ import tempfile
 from typing import Any
 
 __all__ = [
-    "FinetuneConfig", "METHODS", "METHOD_DEFAULTS", "FIXED_TARGETS", "TARGET_PRESETS", "LINEAR_NAMES",
+    "FinetuneConfig", "METHODS", "MIXTURES", "METHOD_DEFAULTS", "FIXED_TARGETS", "TARGET_PRESETS", "LINEAR_NAMES",
     "IDENTITY_FIELDS", "UserError", "identity", "resolve_targets", "check_run_dir", "stored_run",
     "check_writable", "REMAT", "remat_groups", "parse_mesh", "parse_address",
 ]
@@ -29,11 +29,18 @@ class UserError(Exception):
 
 
 #: The methods of the main job, in the order ``--help`` lists them.
-METHODS = ("lora", "rslora", "dora", "vera", "ia3", "adalora", "bitfit", "qlora", "longlora", "galore")
+METHODS = ("lora", "rslora", "dora", "vera", "ia3", "adalora", "bitfit", "qlora", "longlora", "galore", "lamda",
+           "lamda++", "aflora", "lisa", "molora", "mixlora", "malora")
+
+#: Mixtures of LoRA experts: routed per input, so they have no dense merge (evaluated in factored form).
+MIXTURES = ("molora", "mixlora", "malora")
 
 #: Per-method defaults for options left unset: the papers' settings (VeRA r = 256; IA3 on
-#: k/v/down_proj, peft's llama default; AdaLoRA init_r = 12; GaLore rank 128).
+#: k/v/down_proj, peft's llama default; AdaLoRA init_r = 12; GaLore rank 128; AFLoRA r = 4, the
+#: GLUE scripts'; LISA full-parameter at GaLore's rate; LaMDA++'s rank is the mean of its per-layer ranks).
 METHOD_DEFAULTS = {
+    "aflora": {"rank": 4, "lr": 1e-2},
+    "lisa": {"lr": 1e-4},
     "galore": {"rank": 128, "lr": 1e-4},
     "vera": {"rank": 256, "lr": 4e-3},
     "ia3": {"lr": 3e-3, "targets": "k_proj,v_proj,down_proj"},
@@ -46,6 +53,7 @@ FIXED_TARGETS = {
     "bitfit": "every bias",
     "longlora": "LoRA on q/k/v/o plus the embeddings and norms",
     "galore": "every attention and MLP kernel, fully",
+    "lisa": "every parameter: 2 decoder layers at a time, drawn again every 20 steps; embeddings, norm and head always",
 }
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -138,6 +146,8 @@ class FinetuneConfig:
     save_every: int = dataclasses.field(default=20, metadata=_opt("checkpoint every this many steps"))
     max_to_keep: int = dataclasses.field(default=2, metadata=_opt("checkpoints kept"))
     progress: bool = dataclasses.field(default=True, metadata=_opt("show the progress bar"))
+    experts: int | None = dataclasses.field(default=None, metadata=_opt(
+        f"experts per target of a mixture ({', '.join(MIXTURES)}; default 4)", type=int))
     remat: str | None = dataclasses.field(default=None, metadata=_opt(
         f"recompute the blocks in the backward pass: {', '.join(REMAT)} (default: full for qlora, none otherwise)",
         type=str))
@@ -164,6 +174,12 @@ class FinetuneConfig:
                 setattr(self, name, value)
         if self.output_dir is None:
             self.output_dir = f"runs/smollm2-{self.method}"
+        if self.experts is not None and self.method not in MIXTURES:
+            raise UserError(f"--experts applies to the mixtures ({', '.join(MIXTURES)}), not --method {self.method}")
+        if self.method in MIXTURES:
+            self.experts = 4 if self.experts is None else self.experts
+            if not isinstance(self.experts, int) or isinstance(self.experts, bool) or self.experts < 2:
+                raise UserError(f"--experts must be an integer >= 2, got {self.experts!r}")
         for name in ("rank", "steps", "batch", "seq_len", "eval_tokens", "eval_window", "save_every", "max_to_keep"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -230,7 +246,8 @@ def resolve_targets(targets: str) -> str:
 
 #: The options a run directory is bound to: changing one makes a different run (``--steps`` may grow:
 #: a longer run of the same identity; the learning-rate schedule then follows the new length).
-IDENTITY_FIELDS = ("method", "rank", "alpha", "targets", "dropout", "lr", "warmup", "batch", "seq_len", "seed", "corpus")
+IDENTITY_FIELDS = ("method", "rank", "alpha", "targets", "dropout", "lr", "warmup", "batch", "seq_len", "seed", "corpus",
+                   "experts")
 
 
 def identity(cfg: FinetuneConfig) -> dict[str, Any]:

@@ -36,8 +36,8 @@ TINY = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, nu
                    num_key_value_heads=2, scan_layers=True)
 
 
-def tiny_model(width: int = 32):
-    config = TINY.replace(hidden_size=width, intermediate_size=2 * width)
+def tiny_model(width: int = 32, scan_layers: bool = True):
+    config = TINY.replace(hidden_size=width, intermediate_size=2 * width, scan_layers=scan_layers)
     model = LlamaForCausalLM(config)
     params = model.init(jax.random.key(7), np.zeros((1, 8), np.int32))["params"]
     return model, config, params, smollm2_tokenizer()
@@ -60,7 +60,7 @@ def main():
     if cfg.coordinator:  # jax.distributed starts before anything touches the backend (the model's init)
         cfg.validate()
         ft.start_runtime(cfg)
-    loaded = tiny_model(int(flag("--width", 32)))
+    loaded = tiny_model(int(flag("--width", 32)), scan_layers=scale["method"] != "lamda++")  # as finetune.load_model
     try:
         summary = ft.finetune(cfg, loaded=loaded)
     except KeyboardInterrupt:

@@ -165,7 +165,7 @@ def test_help_is_fast_imports_no_jax_and_every_flag_has_help_and_default():
         if not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) and action.dest != "output_dir":
             assert "default" in action.help, action.option_strings
     assert "default runs/smollm2-METHOD" in next(a.help for a in flags if a.dest == "output_dir")
-    assert "(default 8; galore 128, vera 256, adalora 12)" in next(a.help for a in flags if a.dest == "rank")
+    assert "(default 8; aflora 4, galore 128, vera 256, adalora 12)" in next(a.help for a in flags if a.dest == "rank")
 
 
 def test_every_method_has_a_recipe():

@@ -10,6 +10,10 @@ and an alias chaining it with the learning rate and weight decay, as in optax:
 * :func:`lora_fa` / :func:`scale_by_lora_fa` -- LoRA-FA (Zhang et al. 2023), as peft.
 * :func:`lora_pro` / :func:`scale_by_lora_pro` / :func:`lora_pro_gradients` --
   LoRA-Pro's equivalent gradients (Wang et al. 2024), from the LoRA gradients alone.
+* :func:`lamda_freeze` -- LaMDA's gradual freezing of B's rank components (Azizi et al. 2024),
+  as the official code (gradients zeroed) or exactly (updates zeroed).
+* :func:`lisa` / :func:`scale_by_lisa` -- LISA (Pan et al. 2024): a few decoder layers trained at
+  a time, drawn every ``interval`` steps; embeddings, norm and head always, as LMFlow.
 * :func:`adamw_hf` / :func:`scale_by_adam_hf` / :func:`add_decayed_weights_after_step`
   -- transformers' legacy AdamW, the Adam galore-torch and peft's LoRA-FA use.
 
@@ -28,6 +32,11 @@ from lowrank_jax.optim.galore import GaLoreProjector as GaLoreProjector
 from lowrank_jax.optim.galore import ScaleByGaLoreState as ScaleByGaLoreState
 from lowrank_jax.optim.galore import galore as galore
 from lowrank_jax.optim.galore import scale_by_galore as scale_by_galore
+from lowrank_jax.optim.lamda_freeze import LamdaFreezeState as LamdaFreezeState
+from lowrank_jax.optim.lamda_freeze import lamda_freeze as lamda_freeze
+from lowrank_jax.optim.lisa import ScaleByLisaState as ScaleByLisaState
+from lowrank_jax.optim.lisa import lisa as lisa
+from lowrank_jax.optim.lisa import scale_by_lisa as scale_by_lisa
 from lowrank_jax.optim.lora_fa import lora_fa as lora_fa
 from lowrank_jax.optim.lora_fa import lora_fa_labels as lora_fa_labels
 from lowrank_jax.optim.lora_fa import scale_by_lora_fa as scale_by_lora_fa
@@ -42,13 +51,17 @@ __all__ = [
     "DecayAfterStepState",
     "GaLoreDimensionNumbers",
     "GaLoreProjector",
+    "LamdaFreezeState",
     "QuantizedMoment",
     "ScaleByAdamHFState",
     "ScaleByGaLoreState",
+    "ScaleByLisaState",
     "adamw_hf",
     "add_decayed_weights_after_step",
     "galore",
     "host_offload",
+    "lamda_freeze",
+    "lisa",
     "lora_fa",
     "lora_fa_labels",
     "lora_plus",
@@ -57,6 +70,7 @@ __all__ = [
     "lora_pro_gradients",
     "scale_by_adam_hf",
     "scale_by_galore",
+    "scale_by_lisa",
     "scale_by_lora_fa",
     "scale_by_lora_pro",
 ]
