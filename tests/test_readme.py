@@ -25,6 +25,7 @@ def test_readme_opens_with_the_two_setup_commands_and_ci_runs_the_second():
     first_block = re.search(r"```bash\n(.*?)```", README, flags=re.S).group(1).strip().splitlines()
     assert len(first_block) == 2
     assert first_block[0].endswith("lowrank-jax finetune")
-    assert first_block[1].endswith("python -m pytest")
+    assert first_block[1].endswith("python -m pytest -p no:benchmark -n 2 --dist loadfile")
+    assert "pytest-xdist" in (ROOT / "pyproject.toml").read_text()  # the test extra installs what -n needs
     ci = (ROOT / ".ci" / "run").read_text()
     assert "awk '/^```bash/{inside=1; next} inside && /^```/{exit} inside' README.md | sed -n 2p" in ci

@@ -181,10 +181,11 @@ def devices_report(request):
     return request.param, report
 
 
-def _galore_devices(attempts=3, timeout=100):
+def _galore_devices(attempts=3, timeout=200):
     """GaLore on 8 devices, retried on a timeout: XLA:CPU can deadlock when 8 simulated devices run the
     LAPACK SVD custom call inside the refresh's conditional on a 2-core machine (all 8 device threads wait
-    in CustomCallThunk -> ffi::InvokeAsync -> BlockUntilReady); values are asserted whenever it runs."""
+    in CustomCallThunk -> ffi::InvokeAsync -> BlockUntilReady); values are asserted whenever it runs. It takes
+    about 20 s alone; the timeout leaves room for the other test worker sharing the two cores."""
     for attempt in range(attempts):
         try:
             return _worker("devices", "explicit", "galore", timeout=timeout)
