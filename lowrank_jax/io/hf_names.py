@@ -13,7 +13,11 @@ Flax path                                   transformers name
 ``layers_3/input_layernorm/scale``          ``model.layers.3.input_layernorm.weight``
 ``norm/scale``                              ``model.norm.weight``
 ``lm_head/kernel``                          ``lm_head.weight``
+``layers_3/self_attn/q_proj/bias``          ``model.layers.3.self_attn.q_proj.bias``
 ==========================================  ============================================
+
+The same table serves LLaMA, Mistral and Qwen2 (transformers names their
+modules alike); :func:`llama_param_path` is the inverse, for loading.
 
 ``layers/...`` is the scan-stacked form (``scan_layers=True``): the layer is the
 index along the stack axis and must be given. Dense kernels are stored
@@ -25,14 +29,17 @@ Example:
   'model.layers.3.self_attn.q_proj'
   >>> llama_tensor_name("norm/scale"), llama_tensor_name("lm_head/kernel")
   ('model.norm.weight', 'lm_head.weight')
+  >>> llama_param_path("model.layers.3.self_attn.q_proj.bias")
+  'layers_3/self_attn/q_proj/bias'
 """
 
 from __future__ import annotations
 
-__all__ = ["is_transposed", "llama_module_name", "llama_tensor_name"]
+__all__ = ["is_transposed", "llama_module_name", "llama_param_path", "llama_tensor_name"]
 
 _MODULE_LEAVES = ("kernel", "embedding")  # leaves of torch modules an adapter can target
-_WEIGHT_LEAVES = (*_MODULE_LEAVES, "scale")  # every LLaMA param; each is the torch module's ``.weight``
+_WEIGHT_LEAVES = (*_MODULE_LEAVES, "scale")  # each is the torch module's ``.weight``
+_TENSOR_LEAVES = (*_WEIGHT_LEAVES, "bias")  # every LLaMA param (a Dense bias is ``.bias``)
 _GROUPS = ("embed_tokens", "layers", "norm", "lm_head")  # top-level groups, besides ``layers_{i}``
 
 
@@ -79,12 +86,41 @@ def llama_tensor_name(path: str, layer: int | str | None = None) -> str:
       ValueError: an unknown leaf or top-level group, or a stacked path has no ``layer``.
     """
     parts, leaf = _split(path)
-    if leaf not in _WEIGHT_LEAVES:
-        raise ValueError(f"{path!r} is not a kernel, embedding or norm scale")
+    if leaf not in _TENSOR_LEAVES:
+        raise ValueError(f"{path!r} is not a kernel, bias, embedding or norm scale")
     group = parts[0] if parts else ""
     if group not in _GROUPS and not (group.startswith("layers_") and group.removeprefix("layers_").isdigit()):
         raise ValueError(f"unexpected parameter group {group!r}")
-    return _module(path, parts, layer) + ".weight"
+    return _module(path, parts, layer) + (".bias" if leaf == "bias" else ".weight")
+
+
+_BLOCK_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+
+
+def llama_param_path(name: str) -> str:
+    """Inverse of :func:`llama_tensor_name`: ``model.layers.3.mlp.down_proj.weight`` -> ``layers_3/mlp/down_proj/kernel``.
+
+    A ``.weight`` becomes ``embedding`` (``embed_tokens``), ``scale`` (a norm) or ``kernel``;
+    a ``.bias`` stays ``bias`` (projections only).
+
+    Raises:
+      ValueError: a name that is no parameter of a LLaMA/Mistral/Qwen2 ``*ForCausalLM`` (named).
+    """
+    module, _, kind = name.rpartition(".")
+    path = None
+    if module in ("model.embed_tokens", "model.norm", "lm_head") and kind == "weight":
+        path = {"model.embed_tokens": "embed_tokens/embedding", "model.norm": "norm/scale",
+                "lm_head": "lm_head/kernel"}[module]
+    elif module.startswith("model.layers.") and kind in ("weight", "bias"):
+        index, _, rest = module.removeprefix("model.layers.").partition(".")
+        norm = rest.endswith("layernorm")
+        if index.isdigit() and rest in _BLOCK_MODULES and not (norm and kind == "bias"):
+            leaf = "bias" if kind == "bias" else "scale" if norm else "kernel"
+            path = f"layers_{int(index)}/{rest.replace('.', '/')}/{leaf}"
+    if path is None:
+        raise ValueError(f"tensor {name!r} is not a parameter of a LLaMA-family causal LM")
+    return path
 
 
 def is_transposed(path: str) -> bool:

@@ -10,6 +10,12 @@ the recorded fixture texts (``tests/fixtures/tokenizer_reference.json``):
   built from a Hugging Face ``tokenizer.json`` by :func:`from_tokenizer_json`.
   all-MiniLM-L6-v2 uses it.
 
+And, for transformers checkpoint directories (any ``tokenizer.json``),
+:class:`HFTokenizer`: HF ``tokenizers`` (Rust; an optional dependency) behind the same
+interface (``encode``, ``decode``, ``vocab_size``, ``token_to_id``, ``bos/eos/pad/unk_token_id``),
+built by :func:`from_hf_dir`. :meth:`ByteLevelBPETokenizer.to_tokenizers` writes a GGUF
+tokenizer back as a ``tokenizers.Tokenizer`` (for ``tokenizer.json``).
+
 Pre-tokenisers. ``"gpt2"`` is the GPT-2 split regex of ``tokenizers``'
 ``ByteLevel(use_regex=True)``::
 
@@ -18,8 +24,10 @@ Pre-tokenisers. ``"gpt2"`` is the GPT-2 split regex of ``tokenizers``'
 ``"smollm"`` first isolates every ``\\p{N}`` character, then applies the same
 regex: what SmolLM2's own ``tokenizer.json`` (``Digits(individual_digits=True)``
 before ``ByteLevel``) and llama.cpp's ``LLAMA_VOCAB_PRE_TYPE_SMOLLM`` do.
-(transformers' GGUF tokenizer builder uses plain ``"gpt2"`` for it; for SmolLM2
-both give the same ids, since its vocabulary has no multi-digit tokens.)
+(transformers' GGUF tokenizer builder uses plain ``"gpt2"`` for it. For SmolLM2
+the two agree except where whitespace runs into a digit: ``"\\n\\n1"`` is
+``ĊĊ 1`` here and in SmolLM2's own ``tokenizer.json``, ``Ċ Ċ 1`` from transformers'
+GGUF conversion; 48 more tokens in Hamlet's 52,756, see ``benchmarks/results/hf_dir.json``.)
 ``\\p{L}``/``\\p{N}`` and ``\\s`` (the Unicode White_Space property) are built
 from :mod:`unicodedata` once, on first use (~0.4 s).
 
@@ -43,8 +51,10 @@ from typing import Any
 
 __all__ = [
     "ByteLevelBPETokenizer",
+    "HFTokenizer",
     "WordPieceTokenizer",
     "from_gguf",
+    "from_hf_dir",
     "from_tokenizer_json",
     "minilm_tokenizer",
     "smollm2_tokenizer",
@@ -236,6 +246,148 @@ class ByteLevelBPETokenizer:
                 b = self._byte_decoder.get(ch)
                 out.extend(ch.encode("utf-8") if b is None else bytes((b,)))
         return out.decode("utf-8", errors="replace")
+
+    def to_tokenizers(self):
+        """This tokenizer as a HF ``tokenizers.Tokenizer`` (e.g. to ``.save("tokenizer.json")``).
+
+        Byte-level BPE over the same vocabulary and merges; pre-tokenizer ``ByteLevel``
+        (GPT-2 regex), after ``Digits(individual_digits=True)`` for ``"smollm"`` (as SmolLM2's own
+        ``tokenizer.json``); added tokens matched whole, special ones skipped by decode; BOS
+        prepended by a ``TemplateProcessing`` when ``add_bos_token``.
+
+        Raises:
+          ImportError: ``tokenizers`` is not installed.
+        """
+        tk = _import_tokenizers()
+        merges = sorted(self.ranks, key=self.ranks.get)
+        model = tk.models.BPE(vocab=dict(self.vocab), merges=list(merges), unk_token=None
+                              if self.unk_token_id is None else self.tokens[self.unk_token_id],
+                              fuse_unk=False, byte_fallback=False)
+        tok = tk.Tokenizer(model)
+        byte_level = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.pre_tokenizer = byte_level if self.pre_tokenizer == "gpt2" else tk.pre_tokenizers.Sequence(
+            [tk.pre_tokenizers.Digits(individual_digits=True), byte_level])
+        tok.decoder = tk.decoders.ByteLevel()
+        ordered = sorted(self.added_tokens, key=self.vocab.get)
+        tok.add_special_tokens([tk.AddedToken(t, special=True, normalized=False)
+                                for t in ordered if t in self.special_tokens])
+        tok.add_tokens([tk.AddedToken(t, special=False, normalized=False)
+                        for t in ordered if t not in self.special_tokens])
+        if self.add_bos_token and self.bos_token_id is not None:
+            bos = self.tokens[self.bos_token_id]
+            tok.post_processor = tk.processors.TemplateProcessing(
+                single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                special_tokens=[(bos, self.bos_token_id)])
+        else:
+            tok.post_processor = tk.processors.ByteLevel(trim_offsets=False)
+        return tok
+
+
+def _import_tokenizers():
+    try:
+        import tokenizers
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("tokenizer.json files are read with HF `tokenizers`: pip install tokenizers") from e
+    return tokenizers
+
+
+def _token_text(value) -> str | None:
+    """A special token of ``tokenizer_config.json``: a string, or an AddedToken dict's ``content``."""
+    if isinstance(value, Mapping):
+        return value.get("content")
+    return value
+
+
+class HFTokenizer:
+    """A HF ``tokenizers.Tokenizer`` (from ``tokenizer.json``) with :class:`ByteLevelBPETokenizer`'s interface.
+
+    ``encode(..., add_special_tokens=True)`` runs the file's own post-processor (e.g. LLaMA's
+    BOS template), so ids equal ``tokenizers``' and transformers' fast tokenizer's.
+
+    Args:
+      tokenizer: the ``tokenizers.Tokenizer``.
+      bos_token, eos_token, pad_token, unk_token: special token strings (from
+        ``tokenizer_config.json``), or None; each must be in the vocabulary.
+    """
+
+    def __init__(self, tokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
+                 pad_token: str | None = None, unk_token: str | None = None):
+        self.tokenizer = tokenizer
+        self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
+        for name, token in (("bos_token", bos_token), ("eos_token", eos_token), ("pad_token", pad_token),
+                            ("unk_token", unk_token)):
+            if token is not None and tokenizer.token_to_id(token) is None:
+                raise ValueError(f"{name} {token!r} is not in the tokenizer's vocabulary")
+
+    def _id(self, token):
+        return None if token is None else self.tokenizer.token_to_id(token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._id(self.eos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._id(self.pad_token)
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._id(self.unk_token)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (``len(tokenizer)`` in transformers)."""
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int:
+        """The id of ``token``; ``KeyError`` when it is not in the vocabulary."""
+        index = self.tokenizer.token_to_id(token)
+        if index is None:
+            raise KeyError(token)
+        return index
+
+    def id_to_token(self, index: int) -> str:
+        return self.tokenizer.id_to_token(int(index))
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def encode_batch(self, texts: Iterable[str], *, add_special_tokens: bool = True) -> list[list[int]]:
+        return [list(e.ids) for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
+def from_hf_dir(path: str | os.PathLike) -> HFTokenizer:
+    """An :class:`HFTokenizer` from a transformers directory's ``tokenizer.json`` (+ ``tokenizer_config.json``).
+
+    Special tokens come from ``tokenizer_config.json`` (``bos_token``, ``eos_token``, ``pad_token``,
+    ``unk_token``; strings or AddedToken dicts) when it is there.
+
+    Raises:
+      ValueError: the directory has no ``tokenizer.json`` (named), or it cannot be parsed.
+    """
+    tk = _import_tokenizers()
+    folder = os.fspath(path)
+    file = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(file):
+        raise ValueError(f"{folder} has no tokenizer.json (only tokenizers in HF `tokenizers`' format are read)")
+    try:
+        tokenizer = tk.Tokenizer.from_file(file)
+    except Exception as e:  # tokenizers raises a bare Exception on a bad file
+        raise ValueError(f"{file} is not a readable tokenizer.json: {e}") from e
+    settings = {}
+    config_file = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            settings = json.load(f)
+    return HFTokenizer(tokenizer, **{k: _token_text(settings.get(k))
+                                     for k in ("bos_token", "eos_token", "pad_token", "unk_token")})
 
 
 # --------------------------------------------------------------------------- WordPiece

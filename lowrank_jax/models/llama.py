@@ -14,6 +14,8 @@ The module tree mirrors Hugging Face's ``LlamaForCausalLM`` without its
     params/layers_{i}/mlp/down_proj/kernel             [F, D]
     params/norm/scale                            [D]
     params/lm_head/kernel                        [D, V]  (only when embeddings are untied)
+    params/layers_{i}/self_attn/q_proj/bias      [N*H]   (only for projections named in
+                                                          ``config.bias_projections``, e.g. Qwen2's q/k/v)
 
 Kernels are in Flax orientation ``[in, out]`` (the transpose of torch's
 ``[out, in]``). With ``config.scan_layers=True`` the blocks are one
@@ -55,6 +57,9 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "ARCHITECTURES",
+    "PROJECTIONS",
+    "ROPE_TYPES",
     "LlamaConfig",
     "LlamaForCausalLM",
     "RMSNorm",
@@ -62,9 +67,11 @@ __all__ = [
     "dot_product_attention",
     "generate",
     "init_cache",
+    "masked_nll",
     "mean_nll",
     "perplexity",
     "rope_cos_sin",
+    "rope_inverse_frequencies",
     "stack_layers",
     "unstack_layers",
 ]
@@ -73,6 +80,13 @@ __all__ = [
 #: with query ``(BTNH)`` and key/value ``(BSKH)``; the signature conventions of
 #: :func:`jax.nn.dot_product_attention`, which is the default.
 AttentionFn = Callable[..., jax.Array]
+
+#: The ``rope_type`` values :class:`LlamaConfig` runs (transformers' names).
+ROPE_TYPES = ("default", "linear", "llama3")
+#: Every ``nn.Dense`` of a block; ``LlamaConfig.bias_projections`` picks from these.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: transformers ``model_type``s of the LLaMA family this model reproduces -> their ``architectures`` class.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,11 +106,30 @@ class LlamaConfig:
       head_dim: H; ``None`` means ``hidden_size // num_attention_heads``.
       rms_norm_eps: epsilon of every RMSNorm.
       rope_theta: RoPE base.
-      rope_scaling_factor: linear position interpolation: the rotary inverse
-        frequencies are divided by this factor (transformers' ``rope_type
-        "linear"``); 1.0 means no scaling.
+      rope_type: how the rotary inverse frequencies are scaled, as transformers'
+        ``rope_parameters["rope_type"]`` (``modeling_rope_utils.py``):
+        ``"default"`` / ``"linear"``: all divided by ``rope_scaling_factor``
+        (linear position interpolation; ``"default"`` as transformers writes it
+        has factor 1.0, and LongLoRA's extension sets the factor on it);
+        ``"llama3"``: Llama 3.1's frequency-dependent scaling
+        (``_compute_llama3_parameters``; see :func:`rope_inverse_frequencies`).
+        Any other type raises.
+      rope_scaling_factor: the ``factor`` of ``"linear"``/``"llama3"``; 1.0 means no scaling.
+      rope_low_freq_factor, rope_high_freq_factor, rope_original_max_position_embeddings:
+        ``"llama3"``'s ``low_freq_factor``, ``high_freq_factor`` and
+        ``original_max_position_embeddings`` (the pre-training context; required for llama3).
       max_position_embeddings: the context length the model was trained for
         (informational; nothing is allocated from it).
+      sliding_window: Mistral's sliding-window attention width (keys within the
+        last ``sliding_window`` positions). Only the case where it changes nothing
+        runs: a sequence (or KV cache) longer than the window raises instead of
+        silently attending wider. ``None``: full causal attention.
+      bias_projections: the projections that carry a bias (``nn.Dense(use_bias=True)``,
+        param ``.../<name>/bias`` ``[out]``), out of ``q_proj k_proj v_proj o_proj
+        gate_proj up_proj down_proj``: Qwen2 ``("q_proj", "k_proj", "v_proj")``, LLaMA's
+        ``attention_bias`` the four attention ones, ``mlp_bias`` the three MLP ones.
+      architecture: the transformers ``model_type`` the weights come from (``"llama"``,
+        ``"mistral"``, ``"qwen2"``): what a written ``config.json`` declares.
       tie_word_embeddings: logits are ``x @ embed_tokens.embedding.T``
         (``nn.Embed.attend``); otherwise a separate ``lm_head`` Dense.
       dtype: computation dtype of activations. param_dtype: dtype of new params.
@@ -126,8 +159,15 @@ class LlamaConfig:
     head_dim: int | None = None
     rms_norm_eps: float = 1e-5
     rope_theta: float = 100000.0
+    rope_type: str = "default"
     rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int | None = None
     max_position_embeddings: int = 8192
+    sliding_window: int | None = None
+    bias_projections: tuple[str, ...] = ()
+    architecture: str = "llama"
     tie_word_embeddings: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -155,6 +195,28 @@ class LlamaConfig:
             raise ValueError(f"RoPE needs an even head dim, got {self.resolved_head_dim}")
         if self.rope_scaling_factor <= 0:
             raise ValueError(f"`rope_scaling_factor` must be positive, got {self.rope_scaling_factor}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"RoPE type {self.rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+        if self.rope_type == "llama3":
+            if self.rope_original_max_position_embeddings is None or self.rope_original_max_position_embeddings <= 0:
+                raise ValueError("RoPE type 'llama3' needs a positive `rope_original_max_position_embeddings`, got "
+                                 f"{self.rope_original_max_position_embeddings!r}")
+            if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+                raise ValueError(f"RoPE type 'llama3' needs 0 < rope_low_freq_factor < rope_high_freq_factor, got "
+                                 f"{self.rope_low_freq_factor} and {self.rope_high_freq_factor}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, (int, np.integer))
+                                                or self.sliding_window <= 0):
+            raise ValueError(f"`sliding_window` must be a positive integer or None, got {self.sliding_window!r}")
+        if not isinstance(self.bias_projections, tuple):
+            raise ValueError(f"`bias_projections` must be a tuple (the config is hashable), got "
+                             f"{self.bias_projections!r}")
+        unknown = [p for p in self.bias_projections if p not in PROJECTIONS]
+        if unknown:
+            raise ValueError(f"`bias_projections` names {unknown}, not projections of the model; "
+                             f"known: {', '.join(PROJECTIONS)}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"`architecture` {self.architecture!r} is not supported; supported: "
+                             f"{', '.join(ARCHITECTURES)}")
         if self.remat_policy is not None and not hasattr(jax.checkpoint_policies, self.remat_policy):
             raise ValueError(
                 f"`remat_policy` {self.remat_policy!r} is not a member of jax.checkpoint_policies")
@@ -228,9 +290,104 @@ class LlamaConfig:
             rope_theta=float(metadata.get(f"{arch}.rope.freq_base", 10000.0)),
             rope_scaling_factor=factor if scaling_type == "linear" else 1.0,
             max_position_embeddings=int(metadata.get(f"{arch}.context_length", 2048)),
+            architecture=arch,
         )
         fields.update(overrides)
         return cls(**fields)
+
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any], **overrides) -> LlamaConfig:
+        """Builds a config from a transformers ``config.json`` dict (LLaMA, Mistral, Qwen2).
+
+        Reads ``model_type`` (or ``architectures[0]``), the sizes, ``head_dim``, GQA heads,
+        ``rms_norm_eps``, ``tie_word_embeddings``, ``max_position_embeddings``, RoPE as
+        ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling`` (older files),
+        Mistral's ``sliding_window`` (Qwen2's only with ``use_sliding_window``) and the biases
+        (Qwen2: q/k/v; LLaMA ``attention_bias``: q/k/v/o, ``mlp_bias``: gate/up/down). Missing
+        optional keys take transformers' defaults for that model type.
+
+        Args:
+          config: the parsed ``config.json``.
+          **overrides: fields to set explicitly (``dtype``, ``param_dtype``, ``scan_layers``, ...).
+
+        Raises:
+          ValueError: an unsupported ``model_type``/architecture (named, with the supported
+            ones), an unsupported ``rope_type`` (named, with the supported ones), partial
+            rotary embeddings, an activation other than SiLU, or a missing size key.
+        """
+        model_type = config.get("model_type")
+        if model_type is None:
+            by_class = {v: k for k, v in ARCHITECTURES.items()}
+            archs = config.get("architectures") or []
+            model_type = next((by_class[a] for a in archs if a in by_class), archs[0] if archs else None)
+        if model_type not in ARCHITECTURES:
+            supported = ", ".join(f"{k} ({v})" for k, v in ARCHITECTURES.items())
+            raise ValueError(f"unsupported architecture {model_type!r} (model_type / architectures "
+                             f"{config.get('architectures')}); supported: {supported}")
+
+        def need(key):
+            if config.get(key) is None:
+                raise ValueError(f"config.json of a {model_type} model lacks {key!r}")
+            return int(config[key])
+
+        if config.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise ValueError(f"hidden_act {config['hidden_act']!r} is not supported (the LLaMA MLP is SwiGLU: 'silu')")
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        if rope and all(isinstance(v, Mapping) for v in rope.values()):
+            raise ValueError(f"per-layer RoPE parameters ({sorted(rope)}) are not supported")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"RoPE type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+        partial = float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) or 1.0)
+        if partial != 1.0:
+            raise ValueError(f"partial rotary embeddings are not supported (partial_rotary_factor={partial})")
+        defaults = {"llama": (32000, 2048), "mistral": (32000, 131072), "qwen2": (151936, 32768)}[model_type]
+        max_positions = int(config.get("max_position_embeddings") or defaults[1])
+        hidden, heads = need("hidden_size"), need("num_attention_heads")
+        head_dim = config.get("head_dim")
+        if model_type == "llama":
+            biases = ("q_proj", "k_proj", "v_proj", "o_proj") if config.get("attention_bias") else ()
+            biases += ("gate_proj", "up_proj", "down_proj") if config.get("mlp_bias") else ()
+            window = None
+        elif model_type == "qwen2":
+            biases, window = ("q_proj", "k_proj", "v_proj"), None
+            if config.get("use_sliding_window"):
+                window = config.get("sliding_window")
+        else:
+            biases, window = (), config.get("sliding_window", 4096)
+        fields = dict(
+            vocab_size=int(config.get("vocab_size") or defaults[0]),
+            hidden_size=hidden,
+            intermediate_size=need("intermediate_size"),
+            num_hidden_layers=need("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=None if head_dim is None or int(head_dim) * heads == hidden else int(head_dim),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+            rope_type=rope_type,
+            rope_scaling_factor=float(rope.get("factor", 1.0)) if rope_type != "default" else 1.0,
+            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            rope_original_max_position_embeddings=(
+                int(rope.get("original_max_position_embeddings") or max_positions) if rope_type == "llama3" else None),
+            max_position_embeddings=max_positions,
+            sliding_window=None if window is None else int(window),
+            bias_projections=biases,
+            architecture=model_type,
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    @property
+    def rope_inverse_frequencies(self) -> np.ndarray:
+        """``[H / 2]`` float32 rotary inverse frequencies of this config (:func:`rope_inverse_frequencies`)."""
+        return rope_inverse_frequencies(
+            self.resolved_head_dim, self.rope_theta, self.rope_type, self.rope_scaling_factor,
+            low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
+            original_max_position_embeddings=self.rope_original_max_position_embeddings)
 
 
 # --------------------------------------------------------------------------- layers
@@ -263,8 +420,46 @@ class RMSNorm(nn.Module):
         return y.astype(self.dtype) * scale.astype(self.dtype)
 
 
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float,
-                 scaling_factor: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def rope_inverse_frequencies(head_dim: int, theta: float, rope_type: str = "default",
+                             scaling_factor: float = 1.0, *, low_freq_factor: float = 1.0,
+                             high_freq_factor: float = 4.0,
+                             original_max_position_embeddings: int | None = None) -> np.ndarray:
+    """``[head_dim / 2]`` float32 rotary inverse frequencies, as transformers' ``ROPE_INIT_FUNCTIONS``.
+
+    .. math:: \\omega_j = \\theta^{-2j/H}
+
+    ``"default"``/``"linear"``: ``omega / s`` (position interpolation, Chen et al. 2023,
+    https://arxiv.org/abs/2306.15595). ``"llama3"`` (``_compute_llama3_parameters``,
+    https://github.com/huggingface/transformers/blob/main/src/transformers/modeling_rope_utils.py):
+    with wavelength ``lambda = 2 pi / omega`` and ``L`` the original context,
+    ``omega`` is kept where ``lambda < L / high``, divided by ``s`` where ``lambda > L / low``,
+    and in between ``(1 - g) omega / s + g omega`` with ``g = (L / lambda - low) / (high - low)``.
+    Computed in float32 numpy, as torch computes it in float32.
+
+    Raises:
+      ValueError: a ``rope_type`` not in :data:`ROPE_TYPES` (named).
+    """
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"RoPE type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    f32 = np.float32
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(f32) / f32(head_dim)
+    inv_freq = (f32(1.0) / (f32(theta) ** exponent)).astype(f32)
+    factor = f32(scaling_factor)
+    if rope_type != "llama3":
+        return (inv_freq / factor).astype(f32)
+    if original_max_position_embeddings is None:
+        raise ValueError("RoPE type 'llama3' needs `original_max_position_embeddings`")
+    old_len, low, high = f32(original_max_position_embeddings), f32(low_freq_factor), f32(high_freq_factor)
+    wavelen = (f32(2 * np.pi) / inv_freq).astype(f32)
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq).astype(f32)
+    smooth = ((old_len / wavelen - low) / (high - low)).astype(f32)
+    smoothed = ((f32(1) - smooth) * scaled / factor + smooth * scaled).astype(f32)
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return np.where(medium, smoothed, scaled).astype(f32)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, scaling_factor: float = 1.0, *,
+                 inverse_frequencies: np.ndarray | None = None) -> tuple[jax.Array, jax.Array]:
     """Rotary tables ``cos, sin`` of shape ``positions.shape + (head_dim,)`` in float32.
 
     .. math:: \\omega_j = \\theta^{-2j/H} / s, \\quad
@@ -272,9 +467,14 @@ def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float,
 
     in transformers' "rotate_half" layout (both halves carry the same
     frequencies), with ``s`` the linear position-interpolation factor.
+    ``inverse_frequencies`` (``[H / 2]``, e.g. ``config.rope_inverse_frequencies`` for
+    llama3 scaling) replaces ``omega`` and then ``theta``/``scaling_factor`` are unused.
     """
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    inv_freq = inv_freq / scaling_factor
+    if inverse_frequencies is None:
+        inverse_frequencies = rope_inverse_frequencies(head_dim, theta, "linear", scaling_factor)
+    inv_freq = jnp.asarray(inverse_frequencies, jnp.float32)
+    if inv_freq.shape != (head_dim // 2,):
+        raise ValueError(f"`inverse_frequencies` must have shape ({head_dim // 2},), got {inv_freq.shape}")
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
@@ -289,8 +489,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _dense(config: LlamaConfig, features: int, name: str) -> nn.Dense:
-    return nn.Dense(features, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype,
-                    kernel_init=nn.initializers.normal(config.initializer_range), name=name)
+    """A projection: ``nn.Dense``, with a (zero-initialised) bias when ``name`` is in ``config.bias_projections``."""
+    return nn.Dense(features, use_bias=name in config.bias_projections, dtype=config.dtype,
+                    param_dtype=config.param_dtype, kernel_init=nn.initializers.normal(config.initializer_range),
+                    name=name)
 
 
 def _missing_cache():
@@ -298,8 +500,19 @@ def _missing_cache():
                      "'cache': init_cache(config, batch, max_length)} and mutable=['cache']")
 
 
+def _check_window(config: LlamaConfig, length: int, what: str) -> None:
+    """Sliding-window attention equals full causal attention only up to the window: refuse longer."""
+    if config.sliding_window is not None and length > config.sliding_window:
+        raise ValueError(f"{what} has {length} positions, more than the model's sliding_window "
+                         f"{config.sliding_window}: sliding-window attention is not implemented, and full "
+                         f"attention would silently differ from the model's")
+
+
 class LlamaAttention(nn.Module):
-    """Grouped-query self-attention with RoPE and an optional KV cache."""
+    """Grouped-query self-attention with RoPE and an optional KV cache.
+
+    Raises ``ValueError`` when ``config.sliding_window`` is shorter than the sequence (or cache).
+    """
 
     config: LlamaConfig
     decode: bool = False
@@ -324,6 +537,7 @@ class LlamaAttention(nn.Module):
             v = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype),
                                              (zero, cache_index, zero, zero))
             cached_k.value, cached_v.value = k, v
+            _check_window(c, k.shape[1], "the KV cache")
             k, v = k.astype(q.dtype), v.astype(q.dtype)
             q_slot = cache_index + jnp.arange(t)
             mask = jnp.arange(k.shape[1])[None, :] <= q_slot[:, None]        # [T, S]
@@ -332,8 +546,10 @@ class LlamaAttention(nn.Module):
                 mask = mask & key_mask[:, None, None, :].astype(bool)
             out = attention_fn(q, k, v, mask=mask)
         elif key_mask is None:
+            _check_window(c, t, "the sequence")
             out = attention_fn(q, k, v, is_causal=True)
         else:
+            _check_window(c, t, "the sequence")
             mask = jnp.tril(jnp.ones((t, t), bool))[None, None] & key_mask[:, None, None, :].astype(bool)
             out = attention_fn(q, k, v, mask=mask)
         return _dense(c, c.hidden_size, "o_proj")(out.reshape(b, t, n * h))
@@ -414,11 +630,15 @@ class LlamaForCausalLM(nn.Module):
         whole (nested remat: about ``G + L / G`` saved block inputs, ``2 sqrt(L)`` at
         ``G = sqrt(L)``; Chen et al. 2016, https://arxiv.org/abs/1604.06174, as
         ``flax.linen.remat_scan``). Params stay ``[L, ...]``. ``G`` must divide ``L``.
+      output: ``"logits"`` (default) returns ``[B, T, V]`` logits; ``"hidden"`` returns the final-norm
+        hidden states ``[B, T, D]`` and leaves the head to the caller, e.g.
+        :func:`lowrank_jax.losses.lm_cross_entropy`, which never materialises the whole logits.
     """
 
     config: LlamaConfig
     activation_sharding: Any = None
     remat_groups: int = 1
+    output: str = "logits"
 
     def _remat_policy(self):
         """``config.remat_policy`` resolved: offloading policies are factories, called with
@@ -490,7 +710,8 @@ class LlamaForCausalLM(nn.Module):
         if positions is None:
             positions = jnp.arange(t)[None, :] + (0 if cache_index is None else cache_index)
             positions = jnp.broadcast_to(positions, (b, t))
-        cos, sin = rope_cos_sin(positions, c.resolved_head_dim, c.rope_theta, c.rope_scaling_factor)
+        cos, sin = rope_cos_sin(positions, c.resolved_head_dim, c.rope_theta,
+                                inverse_frequencies=c.rope_inverse_frequencies)
 
         block = self._block(decode)
         if c.scan_layers:
@@ -500,6 +721,10 @@ class LlamaForCausalLM(nn.Module):
                 x, _ = block(name=f"layers_{i}")(x, cos, sin, attention_mask, cache_index)
 
         x = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="norm")(x)
+        if self.output == "hidden":  # the head is the caller's (lowrank_jax.losses.lm_cross_entropy)
+            return x
+        if self.output != "logits":
+            raise ValueError(f"`output` must be 'logits' or 'hidden', got {self.output!r}")
         if c.tie_word_embeddings:
             return embed.attend(x)
         return _dense(c, c.vocab_size, "lm_head")(x)
@@ -702,13 +927,43 @@ def generate(model: LlamaForCausalLM, params, prompts: Sequence[Sequence[int]] |
 
 
 @functools.partial(jax.jit, static_argnames=("model", "adapter"))
-def _window_nll_sums(model, params, windows, adapter=None, adapter_params=None):
-    """``[B]`` summed next-token NLL of each window (through the adapter in factored form when given)."""
+def _masked_nll_sums(model, params, rows, loss_mask, adapter=None, adapter_params=None):
+    """``[B]`` next-token NLL of each row ``[T + 1]`` summed over the targets ``loss_mask [B, T]`` weights
+    (through the adapter in factored form when given)."""
     forward = _forward(model, None if adapter is None else adapter.value, params, adapter_params, None)
-    logits = forward({"params": params}, windows).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    target = windows[:, 1:]
-    return -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0].sum(axis=-1)
+    logits = forward({"params": params}, rows[:, :-1]).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, rows[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(nll * loss_mask.astype(jnp.float32), axis=-1)
+
+
+def masked_nll(model: LlamaForCausalLM, params, rows, loss_mask, *, batch_size: int = 4, adapter=None,
+               adapter_params=None) -> tuple[float, float]:
+    r"""``(sum of NLL, sum of weights)`` of next-token prediction over ``rows [N, T + 1]``, each target
+    ``rows[:, 1:]`` weighted by ``loss_mask [N, T]`` (1 for the tokens a run trains on, 0 for prompts
+    and padding): :math:`\sum_{n,t} m_{nt} \, (-\log p(x_{n,t+1} \mid x_{n,\le t}))`.
+
+    Rows run ``batch_size`` at a time through one jitted program (the last batch is padded with
+    zero-weight rows, not recompiled); sums are accumulated in float64. ``adapter``, ``adapter_params``:
+    evaluate with the adapter in factored form (``lrj.linen.apply``), for adapters with no dense merge.
+    """
+    rows, weights = np.asarray(rows, np.int32), np.asarray(loss_mask, np.float32)
+    if rows.ndim != 2 or weights.shape != (rows.shape[0], rows.shape[1] - 1):
+        raise ValueError(f"`rows` must be [N, T + 1] and `loss_mask` [N, T]; got {rows.shape} and {weights.shape}")
+    if len(rows) == 0:
+        raise ValueError("no rows to evaluate")
+    batch_size = min(batch_size, len(rows))
+    total = 0.0
+    for start in range(0, len(rows), batch_size):
+        batch, mask = rows[start:start + batch_size], weights[start:start + batch_size]
+        if len(batch) < batch_size:  # pad the last batch (one compiled shape) with zero-weight rows
+            pad = batch_size - len(batch)
+            batch = np.concatenate([batch, np.repeat(batch[:1], pad, axis=0)])
+            mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), np.float32)])
+        sums = _masked_nll_sums(model, params, jnp.asarray(batch), jnp.asarray(mask),
+                                None if adapter is None else _ByIdentity(adapter), adapter_params)
+        total += float(np.asarray(sums, np.float64).sum())
+    return total, float(weights.astype(np.float64).sum())
 
 
 def mean_nll(model: LlamaForCausalLM, params, token_ids, *, window: int = 512,
@@ -717,8 +972,7 @@ def mean_nll(model: LlamaForCausalLM, params, token_ids, *, window: int = 512,
 
     ``token_ids`` (1-D) is cut into ``len // window`` windows of ``window``
     tokens (the ragged tail is dropped); each window predicts its tokens
-    ``1..window-1`` from its own prefix only. Windows run ``batch_size`` at a
-    time through one jitted program (the last batch is padded, not recompiled).
+    ``1..window-1`` from its own prefix only (:func:`masked_nll` with every target weighted 1).
     ``adapter``, ``adapter_params``: evaluate with the adapter in factored form
     (``lrj.linen.apply``), for adapters that have no dense merge (a routed mixture).
     """
@@ -729,17 +983,9 @@ def mean_nll(model: LlamaForCausalLM, params, token_ids, *, window: int = 512,
     if n == 0:
         raise ValueError(f"need at least one window of {window} tokens, got {len(ids)} tokens")
     windows = ids[: n * window].reshape(n, window)
-    batch_size = min(batch_size, n)
-    total = 0.0
-    for start in range(0, n, batch_size):
-        batch = windows[start:start + batch_size]
-        real = len(batch)
-        if real < batch_size:   # pad the last batch (one compiled shape); padded rows are ignored
-            batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - real, axis=0)])
-        sums = _window_nll_sums(model, params, jnp.asarray(batch), None if adapter is None else _ByIdentity(adapter),
-                                adapter_params)
-        total += float(np.asarray(sums, np.float64)[:real].sum())
-    return total / (n * (window - 1))
+    total, count = masked_nll(model, params, windows, np.ones((n, window - 1), np.float32), batch_size=batch_size,
+                              adapter=adapter, adapter_params=adapter_params)
+    return total / count
 
 
 def perplexity(model: LlamaForCausalLM, params, token_ids, *, window: int = 512,

@@ -12,6 +12,10 @@ mesh axes (the convention of MaxText's ``logical_axis_rules`` and levanter's
     */down_proj/kernel            [F, D]      ("mlp", "embed")       row-parallel
     lm_head/kernel                [D, V]      ("embed", "vocab")     vocab-parallel head
     */*norm/scale                 [D]         ("norm",)              replicated
+    */q_proj/bias                 [N*H]       ("heads",)             as its kernel's output axis
+    */k_proj|v_proj/bias          [K*H]       ("kv_heads",)          (Qwen2; LLaMA attention_bias/mlp_bias)
+    */gate_proj|up_proj/bias      [F]         ("mlp",)
+    */o_proj|down_proj/bias       [D]         ("norm",)              replicated (added after the reduction)
     (scanned blocks: a leading "layers" axis per stack axis, replicated)
 
 :data:`DEFAULT_RULES`: FSDP (ZeRO-3: parameters, gradients and optimizer state
@@ -92,6 +96,10 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"/down_proj/kernel$", ("mlp", "embed")),
     (r"(^|/)lm_head/kernel$", ("embed", "vocab")),
     (r"(^|/)(input_layernorm|post_attention_layernorm|norm)/scale$", ("norm",)),
+    (r"/q_proj/bias$", ("heads",)),
+    (r"/(k_proj|v_proj)/bias$", ("kv_heads",)),
+    (r"/(o_proj|down_proj)/bias$", ("norm",)),
+    (r"/(gate_proj|up_proj)/bias$", ("mlp",)),
 )
 
 Rules = Sequence[tuple[str, Sequence[str] | str | None]]
