@@ -260,10 +260,10 @@ def main(argv=None):
             for r in rows]))
         from lowrank_jax import plot
 
-        series = {f"T={t} time ragged/gather": [r["time_ragged_x_gather"] for r in rows if r["tokens_per_example"] == t]
+        series = {f"{t} token(s) per example": [r["time_ragged_x_gather"] for r in rows if r["tokens_per_example"] == t]
                   for t in cfg.path_tokens}
-        plot.line_plot_png(args.out.with_name(PLOT.name), series, xs=[float(np.log2(b)) for b in cfg.path_batches],
-                           title=f"ragged_dot / gather time, batch {list(cfg.path_batches)}", xlabel="log2 batch", ylabel="ratio")
+        plot.line_plot(args.out.with_name(PLOT.name), series, cfg.path_batches, log2_x=True,
+                       title="lax.ragged_dot (SGMV) / gather (BGMV) step time", xlabel="batch", ylabel="time ratio")
     write_json(args.out, result)
     return result
 

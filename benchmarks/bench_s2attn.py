@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from lowrank_jax.attention import resolve_group_size, s2_attention  # noqa: E402
-from lowrank_jax.plot import line_plot_png  # noqa: E402
+from lowrank_jax.plot import line_plot  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "s2attn.json"
 PLOT = ROOT / "benchmarks" / "results" / "s2attn.png"
@@ -222,13 +222,13 @@ def plot(rows: list[dict], path: Path) -> None:
                 for t in lengths]
 
     # the roll variant's ratios are within 0.02 of no_wrap's (see the table); the plot has four colours
-    line_plot_png(path, {
+    line_plot(path, {
         "full attention": [1.0] * len(lengths),
-        "s2 flops (xla)": series("s2 no_wrap", "flops_ratio"),
-        "s2 temp memory": series("s2 no_wrap", "temp_ratio"),
-        "s2 wall time": series("s2 no_wrap", "time_ratio"),
-    }, xs=[t / 1024 for t in lengths], title="s2 attn (no wrap, g = t/4) vs full causal attention, fwd and bwd",
-        xlabel="tokens (k)", ylabel="ratio to full")
+        "S2-Attn FLOPs (XLA)": series("s2 no_wrap", "flops_ratio"),
+        "S2-Attn temp memory": series("s2 no_wrap", "temp_ratio"),
+        "S2-Attn wall time": series("s2 no_wrap", "time_ratio"),
+    }, [t / 1024 for t in lengths], title="S2-Attn (no_wrap, G = T/4) vs full causal attention, forward + backward",
+        xlabel="tokens (k)", ylabel="ratio to full attention", log2_x=True)
 
 
 def run(cfg: Config, *, out: Path | None, plot_path: Path | None, command: str) -> dict:

@@ -1,121 +1,185 @@
-"""A dependency-free PNG line plot (loss curves), so the main job needs no matplotlib.
+"""PNG plots on matplotlib: the main job's training curve and the benchmarks' line plots.
 
-The image is rasterised with numpy and encoded with zlib; labels use a 3x5
-bitmap font scaled up. Enough for a loss curve with labelled axes.
+matplotlib is imported inside the functions (``import lowrank_jax`` stays light) and drawn
+on its Agg canvas through :class:`matplotlib.figure.Figure`, never pyplot, so no global
+figure state or GUI backend is touched. Output is deterministic: fixed size and dpi, no
+``Software`` metadata (matplotlib writes no date into a PNG), and labels are plain text
+(``parse_math=False``), so a title may hold any character, ``$`` and ``_`` included.
 """
 
 from __future__ import annotations
 
+import math
 import os
-import struct
-import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["line_plot_png", "write_png"]
+__all__ = ["line_plot", "plot_metrics", "trailing_mean", "training_plot"]
 
-_GLYPHS = {
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001010010010",
-    "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
-    "e": "000111111100111", " ": "000000000000000", "a": "000011101101111", "b": "100100111101111",
-    "c": "000111100100111", "d": "001001111101111", "g": "111101111001111", "h": "100100111101101",
-    "i": "010000010010010", "l": "010010010010011", "n": "000110101101101", "o": "000111101101111",
-    "p": "000111101111100", "r": "000111100100100", "s": "000011110001110", "t": "010111010010011",
-    "u": "000101101101111", "v": "000101101101010", "x": "000101010010101", "y": "101101111001111",
-    "k": "100101110101101", "m": "000111111101101", "f": "011100110100100", "w": "000101101111111",
-    ":": "000010000010000", "/": "001001010100100", "(": "010100100100010", ")": "010001001001010",
-    "=": "000111000111000",
-}
+SIZE_INCHES = (8.0, 4.8)
+DPI = 100
+_LOSS, _SMOOTH, _EVAL, _LR = "#1f77b4", "#0b3d91", "#d62728", "#7f7f7f"
 
 
-def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    """Writes an ``[H, W, 3]`` uint8 array as an RGB PNG."""
-    image = np.ascontiguousarray(image, dtype=np.uint8)
-    h, w, _ = image.shape
-    raw = b"".join(b"\x00" + image[y].tobytes() for y in range(h))
+def trailing_mean(values: Sequence[float], window: int) -> list[float]:
+    r"""``m_i = mean(v_{max(0, i-w+1)} .. v_i)``: the mean of the last ``window`` values at each step."""
+    if int(window) != window or window < 1:
+        raise ValueError(f"`window` must be a positive integer, got {window!r}")
+    v = np.asarray(values, np.float64)
+    c = np.concatenate([[0.0], np.cumsum(v)])
+    i = np.arange(1, len(v) + 1)
+    lo = np.maximum(0, i - int(window))
+    return ((c[i] - c[lo]) / (i - lo)).tolist()
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(png)
+def _as_float_array(name: str, values, length: int | None = None) -> np.ndarray:
+    v = np.asarray(values, np.float64).reshape(-1)
+    if length is not None and len(v) != length:
+        raise ValueError(f"`{name}` has {len(v)} values, expected {length} (one per step)")
+    return v
+
+
+def _figure():
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=SIZE_INCHES, dpi=DPI, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _plain(text):
+    """Sets ``parse_math=False`` on a Text, so ``$`` is a dollar sign, not mathtext."""
+    text.set_parse_math(False)
+    return text
+
+
+def _legend(ax, handles_from=()):
+    handles, labels = ax.get_legend_handles_labels()
+    for other in handles_from:
+        h, lab = other.get_legend_handles_labels()
+        handles, labels = handles + h, labels + lab
+    legend = ax.legend(handles, labels, loc="best", framealpha=0.9, fontsize=9)
+    for t in legend.get_texts():
+        _plain(t)
+    return legend
+
+
+def _save(fig, path) -> None:
+    """Writes ``fig`` as a PNG atomically (a temp file, then ``os.replace``)."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
     os.replace(tmp, path)
 
 
-def _text(img, x: int, y: int, text: str, color, scale: int = 2) -> None:
-    for i, ch in enumerate(text.lower()):
-        bits = _GLYPHS.get(ch, _GLYPHS[" "])
-        for k, bit in enumerate(bits):
-            if bit == "1":
-                r, c = divmod(k, 3)
-                y0, x0 = y + r * scale, x + (i * 4 + c) * scale
-                img[max(y0, 0):max(y0 + scale, 0), max(x0, 0):max(x0 + scale, 0)] = color
+def training_plot(path, steps: Sequence[int], loss: Sequence[float], *, smoothed: Sequence[float] | None = None,
+                  smoothed_label: str = "smoothed", eval_steps: Sequence[int] | None = None,
+                  eval_loss: Sequence[float] | None = None, lr: Sequence[float] | None = None,
+                  title: str = "") -> None:
+    """Writes a training curve PNG: raw and smoothed loss, eval points, the learning rate on a right axis.
+
+    Args:
+      path: the PNG file to write (replaced atomically).
+      steps, loss: one training loss per step; non-finite losses leave a gap.
+      smoothed: an optional second curve over ``steps`` (e.g. :func:`trailing_mean`), labelled
+        ``smoothed_label``.
+      eval_steps, eval_loss: held-out losses, drawn as points; both or neither.
+      lr: the learning rate at each step, on a second y axis ("learning rate").
+      title: any text.
+
+    The step axis has integer ticks only. Raises ``ValueError`` for empty ``steps``, a series
+    whose length differs from ``steps``' (naming it), or ``eval_steps`` without ``eval_loss``.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    x = _as_float_array("steps", steps)
+    if len(x) == 0:
+        raise ValueError("`steps` is empty: nothing to plot")
+    y = _as_float_array("loss", loss, len(x))
+    if (eval_steps is None) != (eval_loss is None):
+        raise ValueError("`eval_steps` and `eval_loss` go together: pass both or neither")
+    fig, ax = _figure()
+    ax.plot(x, y, color=_LOSS, alpha=0.45 if smoothed is not None else 1.0, linewidth=1.0, label="train loss")
+    if smoothed is not None:
+        ax.plot(x, _as_float_array("smoothed", smoothed, len(x)), color=_SMOOTH, linewidth=2.0,
+                label=f"train loss, {smoothed_label}")
+    if eval_steps is not None:
+        ex = _as_float_array("eval_steps", eval_steps)
+        ax.plot(ex, _as_float_array("eval_loss", eval_loss, len(ex)), "o", color=_EVAL, markersize=6,
+                linestyle="-" if len(ex) > 1 else "none", linewidth=1.0, label="eval loss")
+    others = []
+    if lr is not None:
+        ax_lr = ax.twinx()
+        ax_lr.plot(x, _as_float_array("lr", lr, len(x)), color=_LR, linestyle="--", linewidth=1.2,
+                   label="learning rate")
+        ax_lr.set_ylabel("learning rate", color=_LR)
+        ax_lr.tick_params(axis="y", colors=_LR)
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        ax_lr.set_ylim(bottom=0)
+        others.append(ax_lr)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    lo, hi = float(np.min(x)), float(np.max(x))
+    ax.set_xlim(lo - 0.5, hi + 0.5) if hi - lo < 2 else ax.set_xlim(lo, hi)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(True, alpha=0.3)
+    _plain(ax.set_title(title))
+    _legend(ax, others)
+    _save(fig, path)
 
 
-def _line(img, x0, y0, x1, y1, color, width: int = 2) -> None:
-    n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-    xs = np.linspace(x0, x1, n).round().astype(int)
-    ys = np.linspace(y0, y1, n).round().astype(int)
-    h, w, _ = img.shape
-    for dx in range(width):
-        for dy in range(width):
-            ok = (ys + dy >= 0) & (ys + dy < h) & (xs + dx >= 0) & (xs + dx < w)
-            img[ys[ok] + dy, xs[ok] + dx] = color
+def line_plot(path, series: Mapping[str, Sequence[float]], xs: Sequence[float], *, title: str = "",
+              xlabel: str = "", ylabel: str = "", log2_x: bool = False, integer_x: bool = False) -> None:
+    """Writes a PNG with one line (and markers) per ``{label: ys}`` entry over the shared ``xs``.
+
+    ``log2_x`` draws x on a base-2 log scale with a tick at every ``xs`` value (batch sizes);
+    ``integer_x`` allows integer x ticks only. NaN values leave gaps. Raises ``ValueError`` for no
+    series, or a series whose length differs from ``xs``' (naming it).
+    """
+    from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
+
+    x = _as_float_array("xs", xs)
+    if not series:
+        raise ValueError("`series` is empty: nothing to plot")
+    fig, ax = _figure()
+    for name, ys in series.items():
+        ax.plot(x, _as_float_array(f"series[{name!r}]", ys, len(x)), marker="o", markersize=4, label=name)
+    if log2_x:
+        if np.any(x <= 0):
+            raise ValueError(f"`log2_x` needs positive xs, got {x.tolist()}")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(x))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([f"{v:g}" for v in x])
+    elif integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    _plain(ax.set_title(title))
+    _legend(ax)
+    _save(fig, path)
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.3g}"
+def plot_metrics(metrics_path, png_path, *, title: str = "", smooth_window: int | None = None) -> None:
+    """Draws :func:`training_plot` from a ``metrics.jsonl`` (:mod:`lowrank_jax.metrics`).
 
+    Train rows give the loss and learning-rate curves, eval rows (``eval_loss``) the points; the
+    smoothed curve is the :func:`trailing_mean` over ``smooth_window`` steps (default: a fifth of
+    the steps, between 1 and 10). Raises ``ValueError`` if the file has no train rows.
+    """
+    from lowrank_jax.metrics import read_metrics
 
-def line_plot_png(path, series: dict[str, Sequence[float]], *, xs: Sequence[float] | None = None,
-                  title: str = "", xlabel: str = "step", ylabel: str = "loss", size=(720, 420)) -> None:
-    """Plots one or more series (e.g. ``{"train loss": [...]}``) into a PNG file."""
-    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
-    w, h = size
-    img = np.full((h, w, 3), 255, np.uint8)
-    left, right, top, bottom = 70, 20, 40, 50
-    values = [np.asarray(v, np.float64) for v in series.values() if len(v)]
-    if not values:
-        raise ValueError("nothing to plot: every series is empty")
-    finite = np.concatenate([v[np.isfinite(v)] for v in values])
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    if hi - lo < 1e-12:
-        lo, hi = lo - 0.5, hi + 0.5
-    n = max(len(v) for v in values)
-    x_values = np.asarray(xs if xs is not None else np.arange(n), np.float64)
-    x_lo, x_hi = float(x_values.min()), float(max(x_values.max(), x_values.min() + 1))
-
-    def to_px(x, y):
-        px = left + (x - x_lo) / (x_hi - x_lo) * (w - left - right)
-        py = top + (hi - y) / (hi - lo) * (h - top - bottom)
-        return px, py
-
-    grey, black = (200, 200, 200), (0, 0, 0)
-    for k in range(5):  # grid and y ticks
-        y = lo + (hi - lo) * k / 4
-        _, py = to_px(x_lo, y)
-        _line(img, left, py, w - right, py, grey, 1)
-        _text(img, 4, int(py) - 5, _fmt(y), black)
-    for k in range(5):
-        x = x_lo + (x_hi - x_lo) * k / 4
-        px, _ = to_px(x, lo)
-        _text(img, int(px) - 10, h - bottom + 8, _fmt(x), black)
-    _line(img, left, top, left, h - bottom, black, 2)
-    _line(img, left, h - bottom, w - right, h - bottom, black, 2)
-    for i, (name, v) in enumerate(series.items()):
-        v = np.asarray(v, np.float64)
-        xv = x_values[: len(v)] if xs is not None else np.arange(len(v), dtype=np.float64)
-        color = colors[i % len(colors)]
-        pts = [to_px(a, b) for a, b in zip(xv, v) if np.isfinite(b)]
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-            _line(img, x0, y0, x1, y1, color, 2)
-        _text(img, w - right - 200, top + 6 + 14 * i, name, color)
-    _text(img, left, 12, title, black)
-    _text(img, w // 2 - 20, h - 18, xlabel, black)
-    _text(img, 4, top - 22, ylabel, black)
-    write_png(path, img)
+    rows = read_metrics(metrics_path)
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if r.get("eval_loss") is not None]
+    if not train:
+        raise ValueError(f"{metrics_path} has no training rows to plot")
+    steps = [r["step"] for r in train]
+    loss = [math.nan if r["loss"] is None else r["loss"] for r in train]
+    window = smooth_window or max(1, min(10, len(train) // 5))
+    lrs = [r.get("lr") for r in train]
+    training_plot(png_path, steps, loss, smoothed=trailing_mean(loss, window), smoothed_label=f"mean of last {window}",
+                  eval_steps=[r["step"] for r in evals] if evals else None,
+                  eval_loss=[r["eval_loss"] for r in evals] if evals else None,
+                  lr=None if any(v is None for v in lrs) else lrs, title=title)
