@@ -27,6 +27,8 @@ def _default_text(field) -> str:
     """The default ``--help`` shows for a :class:`FinetuneConfig` field, per method where it depends on it."""
     from lowrank_jax import run_config as rc
 
+    if "default_text" in field.metadata:
+        return field.metadata["default_text"]
     if field.default is not None:
         return f"default {field.default}"
     if field.name not in rc.COMMON_DEFAULTS:
@@ -35,12 +37,18 @@ def _default_text(field) -> str:
     return f"default {rc.COMMON_DEFAULTS[field.name]}" + (f"; {', '.join(special)}" if special else "")
 
 
-def _finetune_parser(sub) -> None:
-    """``finetune``'s flags, one per :class:`FinetuneConfig` field, with its help and default (no jax import)."""
-    from lowrank_jax.run_config import FinetuneConfig
+def _finetune_parser(sub) -> argparse.ArgumentParser:
+    """``finetune``'s flags, one per :class:`FinetuneConfig` field, with its help and default, the methods
+    listed one per line, and ``--config FILE`` (no jax import)."""
+    from lowrank_jax.run_config import METHOD_HELP, FinetuneConfig
 
+    width = max(map(len, METHOD_HELP))
+    methods = "\n".join(f"  {name:<{width}}  {text}" for name, text in METHOD_HELP.items())
     p = sub.add_parser("finetune", help="fine-tune SmolLM2-135M-Instruct on CPU (defaults: LoRA r=8 on all linear layers)",
-                       description="Fine-tune SmolLM2-135M-Instruct on CPU. Every option is checked before the model loads.")
+                       description="Fine-tune SmolLM2-135M-Instruct on CPU. Every option is checked before the model loads.",
+                       epilog=f"methods (--method):\n{methods}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="a TOML or JSON file of options (keys: the flags' names, e.g. "
+                                                   "seq_len or seq-len); flags given on the command line win")
     for field in dataclasses.fields(FinetuneConfig):
         meta = field.metadata
         if field.name == "progress":
@@ -54,6 +62,38 @@ def _finetune_parser(sub) -> None:
         else:
             kind = meta.get("type", type(field.default))
             p.add_argument(flag, type=kind, default=field.default, help=help_text)
+    return p
+
+
+def config_file_options(path: str) -> dict:
+    """The options of a ``--config`` file (TOML by default, JSON for ``.json``), checked against
+    :class:`FinetuneConfig`'s fields and types; :class:`UserError` naming the file and the bad key."""
+    import tomllib
+
+    from lowrank_jax.run_config import FinetuneConfig, UserError
+
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise UserError(f"--config {path!r} {'is a directory' if file.is_dir() else 'does not exist'}")
+    try:
+        text = file.read_text(encoding="utf-8")
+        values = json.loads(text) if file.suffix.lower() == ".json" else tomllib.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
+        raise UserError(f"--config {path!r} is not valid {'JSON' if file.suffix.lower() == '.json' else 'TOML'}: {e}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path!r} must hold a table of options, not {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+    options = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            raise UserError(f"--config {path!r}: unknown option {key!r}; options: {', '.join(fields)}")
+        kind = fields[name].metadata.get("type", type(fields[name].default))  # as the flag's argparse type
+        want = {bool: (bool,), int: (int,), float: (int, float)}.get(kind, (str,))
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, want):
+            raise UserError(f"--config {path!r}: {key} = {value!r} must be {' or '.join(t.__name__ for t in want)}")
+        options[name] = float(value) if kind is float else value
+    return options
 
 
 def _cmd_finetune(args) -> int:
@@ -279,7 +319,7 @@ def main(argv=None) -> int:
         return plan.main(argv[1:])
     parser = argparse.ArgumentParser(prog="lowrank-jax", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
-    _finetune_parser(sub)
+    finetune_parser = _finetune_parser(sub)
     g = sub.add_parser("generate", help="generate text with SmolLM2 (optionally with a fine-tuned adapter)")
     g.add_argument("--prompt", action="append", help="text to continue (repeatable)")
     g.add_argument("--prompts", help="a text file, one prompt per line (instead of --prompt)")
@@ -303,6 +343,13 @@ def main(argv=None) -> int:
         return 2
     from lowrank_jax.run_config import UserError
 
+    if args.command == "finetune" and args.config is not None:  # the file's options become defaults: flags win
+        try:
+            finetune_parser.set_defaults(**config_file_options(args.config))
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        args = parser.parse_args(argv)
     commands = {"finetune": _cmd_finetune, "generate": _cmd_generate, "merge": _cmd_merge, "info": _cmd_info}
     try:
         return commands[args.command](args)

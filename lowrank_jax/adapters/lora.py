@@ -76,8 +76,13 @@ def _offset_factors(key, w2, r: int, scale: float, kind: str, niter: int | None)
     2024), as peft: ``W^T = Q R`` (torch orientation), ``lora_A = R[:r]``, ``lora_B = Q[:, :r]``.
     """
     if kind == "olora":
-        q, rr = linalg.qr(w2.T)
-        return rr[:r].T, q[:, :r].T
+        # Householder QR's first r reflectors depend on W^T's first r columns only, so Q[:, :r] and the
+        # triangle R[:r, :r] come from those columns' QR, and R[:r, r:] = Q[:, :r]^T W^T[:, r:]: the
+        # rows of the full factorisation peft takes, at r/in of its cost.
+        wt = w2.T
+        q, head = linalg.qr(wt[:, :r])
+        rr = jnp.concatenate([head, jnp.matmul(q.T, wt[:, r:], precision=linalg.HIGHEST)], axis=1)
+        return rr.T, q.T
     if niter is None:
         u, sv, vh = linalg.svd(w2, r)
     else:  # torch.svd_lowrank(W, q=r, niter) as peft calls it: no oversampling
