@@ -217,16 +217,6 @@ def _params_from_state(state: Mapping[str, np.ndarray], config: LlamaConfig, whe
     return tree_lib.nest({tuple(p.split("/")): jnp.asarray(v, dtype=param_dtype) for p, v in flat.items()})
 
 
-def _chat_template(folder: pathlib.Path, settings: Mapping[str, Any]) -> str | None:
-    template = settings.get("chat_template")
-    if isinstance(template, list):  # [{"name": ..., "template": ...}], transformers' named templates
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
-        template = named.get("default", next(iter(named.values()), None))
-    if template is None and (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    return template
-
-
 def _load_gguf(path: pathlib.Path, scan_layers: bool, param_dtype, overrides) -> Pretrained:
     from lowrank_jax.io import gguf, tokenizer
 
@@ -234,7 +224,7 @@ def _load_gguf(path: pathlib.Path, scan_layers: bool, param_dtype, overrides) ->
     meta = gguf.read_metadata(path)
     tok = tokenizer.from_gguf(meta)
     token = lambda i: None if i is None else tok.id_to_token(i)  # noqa: E731
-    return Pretrained(config, params, tok, meta.get("tokenizer.chat_template"), token(tok.bos_token_id),
+    return Pretrained(config, params, tok, tok.chat_template, token(tok.bos_token_id),
                       token(tok.eos_token_id), str(meta.get("general.name") or path.stem), os.fspath(path))
 
 
@@ -291,16 +281,12 @@ def load_pretrained(path, *, scan_layers: bool = False, param_dtype: Any = None,
     if scan_layers:
         params = stack_layers(params, config.num_hidden_layers)
         config = config.replace(scan_layers=True)
-    settings = {}
-    if (where / "tokenizer_config.json").is_file():
-        with open(where / "tokenizer_config.json", encoding="utf-8") as f:
-            settings = json.load(f)
     ids = {k: hf_config.get(f"{k}_token_id") for k in ("bos", "eos")}
     special = {k: tok.bos_token if k == "bos" else tok.eos_token for k in ids}
     for k, i in ids.items():  # config.json's ids stand in for tokenizer_config.json's strings
         if special[k] is None and isinstance(i, int):
             special[k] = tok.id_to_token(i)
-    return Pretrained(config, params, tok, _chat_template(where, settings), special["bos"], special["eos"],
+    return Pretrained(config, params, tok, tok.chat_template, special["bos"], special["eos"],
                       where.resolve().name, os.fspath(where))
 
 

@@ -35,7 +35,41 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["is_transposed", "llama_module_name", "llama_param_path", "llama_tensor_name"]
+__all__ = ["ARCHITECTURES", "bias_projections", "is_transposed", "llama_module_name", "llama_param_path",
+           "llama_tensor_name", "model_type"]
+
+#: transformers ``model_type``s of the LLaMA family this library's model reproduces -> their ``architectures`` class.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def model_type(config) -> str:
+    """The LLaMA-family ``model_type`` of a transformers ``config.json`` dict (or of its ``architectures``).
+
+    Raises:
+      ValueError: any other architecture, named, with the supported ones.
+    """
+    kind = config.get("model_type")
+    if kind is None:
+        by_class = {v: k for k, v in ARCHITECTURES.items()}
+        archs = config.get("architectures") or []
+        kind = next((by_class[a] for a in archs if a in by_class), archs[0] if archs else None)
+    if kind not in ARCHITECTURES:
+        supported = ", ".join(f"{k} ({v})" for k, v in ARCHITECTURES.items())
+        raise ValueError(f"unsupported architecture {kind!r} (model_type / architectures "
+                         f"{config.get('architectures')}); supported: {supported}")
+    return kind
+
+
+def bias_projections(config) -> tuple[str, ...]:
+    """The projections with a bias in a transformers ``config.json`` dict: Qwen2's q/k/v; LLaMA's
+    ``attention_bias`` (q/k/v/o) and ``mlp_bias`` (gate/up/down); none in Mistral."""
+    kind = model_type(config)
+    if kind == "qwen2":
+        return ("q_proj", "k_proj", "v_proj")
+    if kind == "llama":
+        return ((("q_proj", "k_proj", "v_proj", "o_proj") if config.get("attention_bias") else ())
+                + (("gate_proj", "up_proj", "down_proj") if config.get("mlp_bias") else ()))
+    return ()
 
 _MODULE_LEAVES = ("kernel", "embedding")  # leaves of torch modules an adapter can target
 _WEIGHT_LEAVES = (*_MODULE_LEAVES, "scale")  # each is the torch module's ``.weight``

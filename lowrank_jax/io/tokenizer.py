@@ -133,13 +133,15 @@ class ByteLevelBPETokenizer:
       pre_tokenizer: ``"gpt2"`` or ``"smollm"`` (see the module docstring).
       bos_token_id, eos_token_id, pad_token_id, unk_token_id: special ids (or None).
       add_bos_token: prepend ``bos_token_id`` in ``encode(add_special_tokens=True)``.
+      chat_template: the model's Jinja chat template (a GGUF's ``tokenizer.chat_template``), or None;
+        as transformers' ``tokenizer.chat_template``.
     """
 
     def __init__(self, tokens: Sequence[str], merges: Sequence[str | tuple[str, str]], *,
                  special_tokens: Iterable[str] = (), added_tokens: Iterable[str] = (),
                  pre_tokenizer: str = "gpt2", bos_token_id: int | None = None,
                  eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 unk_token_id: int | None = None, add_bos_token: bool = False):
+                 unk_token_id: int | None = None, add_bos_token: bool = False, chat_template: str | None = None):
         if pre_tokenizer not in ("gpt2", "smollm"):
             raise ValueError(f"`pre_tokenizer` must be 'gpt2' or 'smollm', got {pre_tokenizer!r}")
         self.tokens = list(tokens)
@@ -156,6 +158,7 @@ class ByteLevelBPETokenizer:
         self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
         self.pad_token_id, self.unk_token_id = pad_token_id, unk_token_id
         self.add_bos_token = add_bos_token
+        self.chat_template = chat_template
         self._splitter = _added_token_splitter(self.added_tokens)
         self._byte_encoder = _bytes_to_unicode()
         self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
@@ -167,6 +170,14 @@ class ByteLevelBPETokenizer:
 
     def token_to_id(self, token: str) -> int:
         return self.vocab[token]
+
+    @property
+    def bos_token(self) -> str | None:
+        return None if self.bos_token_id is None else self.tokens[self.bos_token_id]
+
+    @property
+    def eos_token(self) -> str | None:
+        return None if self.eos_token_id is None else self.tokens[self.eos_token_id]
 
     def id_to_token(self, index: int) -> str:
         return self.tokens[index]
@@ -308,11 +319,14 @@ class HFTokenizer:
       tokenizer: the ``tokenizers.Tokenizer``.
       bos_token, eos_token, pad_token, unk_token: special token strings (from
         ``tokenizer_config.json``), or None; each must be in the vocabulary.
+      chat_template: the model's Jinja chat template (``tokenizer_config.json``'s ``chat_template``
+        or ``chat_template.jinja``), or None; as transformers' ``tokenizer.chat_template``.
     """
 
     def __init__(self, tokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
-                 pad_token: str | None = None, unk_token: str | None = None):
+                 pad_token: str | None = None, unk_token: str | None = None, chat_template: str | None = None):
         self.tokenizer = tokenizer
+        self.chat_template = chat_template
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
         for name, token in (("bos_token", bos_token), ("eos_token", eos_token), ("pad_token", pad_token),
                             ("unk_token", unk_token)):
@@ -381,13 +395,31 @@ def from_hf_dir(path: str | os.PathLike) -> HFTokenizer:
         tokenizer = tk.Tokenizer.from_file(file)
     except Exception as e:  # tokenizers raises a bare Exception on a bad file
         raise ValueError(f"{file} is not a readable tokenizer.json: {e}") from e
-    settings = {}
+    settings = _tokenizer_settings(folder)
+    return HFTokenizer(tokenizer, chat_template=read_chat_template(folder),
+                       **{k: _token_text(settings.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")})
+
+
+def _tokenizer_settings(folder: str | os.PathLike) -> dict:
     config_file = os.path.join(folder, "tokenizer_config.json")
-    if os.path.isfile(config_file):
-        with open(config_file, encoding="utf-8") as f:
-            settings = json.load(f)
-    return HFTokenizer(tokenizer, **{k: _token_text(settings.get(k))
-                                     for k in ("bos_token", "eos_token", "pad_token", "unk_token")})
+    if not os.path.isfile(config_file):
+        return {}
+    with open(config_file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_chat_template(folder: str | os.PathLike) -> str | None:
+    """A transformers directory's chat template: ``tokenizer_config.json``'s ``chat_template``
+    (transformers' named list: its ``default``), else ``chat_template.jinja``, else None."""
+    template = _tokenizer_settings(folder).get("chat_template")
+    if isinstance(template, list):  # [{"name": ..., "template": ...}], transformers' named templates
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
+        template = named.get("default", next(iter(named.values()), None))
+    jinja_file = os.path.join(os.fspath(folder), "chat_template.jinja")
+    if template is None and os.path.isfile(jinja_file):
+        with open(jinja_file, encoding="utf-8") as f:
+            template = f.read()
+    return template
 
 
 # --------------------------------------------------------------------------- WordPiece
@@ -603,7 +635,8 @@ def from_gguf(source: str | os.PathLike | Mapping[str, Any]) -> ByteLevelBPEToke
         added_tokens=added, pre_tokenizer=pre_tokenizers[pre], bos_token_id=opt("bos_token_id"),
         eos_token_id=opt("eos_token_id"), pad_token_id=opt("padding_token_id"),
         unk_token_id=opt("unknown_token_id"),
-        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        chat_template=meta.get("tokenizer.chat_template"))
 
 
 def from_tokenizer_json(path: str | os.PathLike) -> WordPieceTokenizer:

@@ -56,6 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank_jax.io import hf_names
+
 __all__ = [
     "ARCHITECTURES",
     "PROJECTIONS",
@@ -85,8 +87,7 @@ AttentionFn = Callable[..., jax.Array]
 ROPE_TYPES = ("default", "linear", "llama3")
 #: Every ``nn.Dense`` of a block; ``LlamaConfig.bias_projections`` picks from these.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-#: transformers ``model_type``s of the LLaMA family this model reproduces -> their ``architectures`` class.
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = hf_names.ARCHITECTURES  # the LLaMA family's transformers model types (owned by hf_names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,15 +317,8 @@ class LlamaConfig:
             ones), an unsupported ``rope_type`` (named, with the supported ones), partial
             rotary embeddings, an activation other than SiLU, or a missing size key.
         """
-        model_type = config.get("model_type")
-        if model_type is None:
-            by_class = {v: k for k, v in ARCHITECTURES.items()}
-            archs = config.get("architectures") or []
-            model_type = next((by_class[a] for a in archs if a in by_class), archs[0] if archs else None)
-        if model_type not in ARCHITECTURES:
-            supported = ", ".join(f"{k} ({v})" for k, v in ARCHITECTURES.items())
-            raise ValueError(f"unsupported architecture {model_type!r} (model_type / architectures "
-                             f"{config.get('architectures')}); supported: {supported}")
+        model_type = hf_names.model_type(config)
+        biases = hf_names.bias_projections(config)
 
         def need(key):
             if config.get(key) is None:
@@ -347,15 +341,11 @@ class LlamaConfig:
         hidden, heads = need("hidden_size"), need("num_attention_heads")
         head_dim = config.get("head_dim")
         if model_type == "llama":
-            biases = ("q_proj", "k_proj", "v_proj", "o_proj") if config.get("attention_bias") else ()
-            biases += ("gate_proj", "up_proj", "down_proj") if config.get("mlp_bias") else ()
             window = None
         elif model_type == "qwen2":
-            biases, window = ("q_proj", "k_proj", "v_proj"), None
-            if config.get("use_sliding_window"):
-                window = config.get("sliding_window")
+            window = config.get("sliding_window") if config.get("use_sliding_window") else None
         else:
-            biases, window = (), config.get("sliding_window", 4096)
+            window = config.get("sliding_window", 4096)
         fields = dict(
             vocab_size=int(config.get("vocab_size") or defaults[0]),
             hidden_size=hidden,
