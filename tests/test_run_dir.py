@@ -237,3 +237,65 @@ def test_several_adapters_must_be_lora_runs(tmp_path, capsys, monkeypatch):
     line = error_of(["generate", "--prompt", "hi", "--adapter", str(lora_run), "--adapter", str(dora_run)], capsys)
     assert line == (f"error: several --adapter run in one batch as a bank of LoRA adapters (lora, rslora runs); "
                     f"{dora_run} is a dora run: generate with it alone")
+
+
+# ------------------------------------------------------------------ --model and --data: refused before any load
+
+HF_TINY = pathlib.Path(__file__).parent / "fixtures" / "hf_tiny"
+
+
+def _copy_tiny(tmp_path, name="llama", **config_changes):
+    import shutil
+
+    folder = tmp_path / f"model-{name}"
+    shutil.copytree(HF_TINY / name, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(config_changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_bad_model_and_data_are_one_error_line_before_jax(tmp_path, capsys):
+    no_config = tmp_path / "empty-dir"
+    no_config.mkdir()
+    gpt2 = _copy_tiny(tmp_path, model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    no_template = _copy_tiny(tmp_path, "mistral")
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    settings = json.loads((no_template / "tokenizer_config.json").read_text())
+    settings.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(settings))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+                    + "\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"prompt": "no completion"}\n')
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("hello")
+    cases = [
+        (["--model", str(tmp_path / "nope")], f"error: --model '{tmp_path / 'nope'}' does not exist"),
+        (["--model", str(no_config)], f"error: --model '{no_config}' has no config.json: not a transformers checkpoint"),
+        (["--model", str(text_file)], f"error: --model '{text_file}' is a file but not a .gguf"),
+        (["--model", str(gpt2)], f"error: --model '{gpt2}': config.json: unsupported architecture 'gpt2' "
+                                 f"(model_type / architectures ['GPT2LMHeadModel']); supported: llama (LlamaForCausalLM), "
+                                 f"mistral (MistralForCausalLM), qwen2 (Qwen2ForCausalLM)"),
+        (["--model", str(HF_TINY / "llama"), "--method", "bitfit"], "error: --method bitfit trains biases, and llama has none"),
+        (["--data", str(bad)], f"error: --data: {bad}:2:"),
+        (["--model", str(no_template), "--data", str(chat)], f"error: --data '{chat}' has 1 chat rows"),
+    ]
+    for extra, message in cases:
+        line = error_of(["finetune", "--output-dir", str(tmp_path / "run"), *extra], capsys)
+        assert line.startswith(message), (extra, line)
+    assert not (tmp_path / "run").exists()
+    code = (f"import sys\nfrom lowrank_jax import cli\nrc = cli.main(['finetune', '--model', {str(gpt2)!r}])\n"
+            "print(rc, 'JAX' if 'jax' in sys.modules else 'NOJAX')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["2", "NOJAX"], proc.stderr
+
+
+def test_a_model_with_biases_accepts_bitfit_and_its_identity_is_its_path(tmp_path):
+    cfg = rc.FinetuneConfig(model=str(HF_TINY / "qwen2"), method="bitfit", output_dir=str(tmp_path / "run"))
+    cfg.validate()
+    assert rc.model_biases(cfg.model) == ("q_proj", "k_proj", "v_proj")
+    assert rc.identity(cfg)["model"] == str((HF_TINY / "qwen2").resolve())
+    assert rc.model_name(cfg.model) == "qwen2"
+    assert rc.identity(rc.FinetuneConfig())["model"] == "SmolLM2-135M-Instruct"
