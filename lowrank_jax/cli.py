@@ -233,6 +233,12 @@ def _cmd_merge(args) -> int:
     from lowrank_jax import run_config as rc
     from lowrank_jax.run_config import UserError, check_writable
 
+    if args.format == "hf":
+        _check_run(args.adapter)
+        from lowrank_jax.export import merge_hf
+
+        merge_hf(args.adapter, args.output, dtype=args.dtype)
+        return 0
     output = pathlib.Path(args.output)
     if output.suffix != ".safetensors":
         raise UserError(f"--output must end in .safetensors, got {output}")
@@ -253,6 +259,14 @@ def _cmd_merge(args) -> int:
     os.replace(tmp, output)
     total = sum(v.size for v in tensors.values())
     print(f"wrote {output}: {len(tensors)} tensors, {total:,d} parameters (transformers LlamaForCausalLM names)")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from lowrank_jax.export import check_peft_method, export_peft
+
+    check_peft_method(_check_run(args.run_dir, "RUN_DIR").get("finetune", {}).get("method"))
+    export_peft(args.run_dir, args.output)
     return 0
 
 
@@ -330,9 +344,21 @@ def main(argv=None) -> int:
     g.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default 0.0)")
     g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the instruct chat template")
-    m = sub.add_parser("merge", help="write base + adapter merged weights as safetensors")
+    m = sub.add_parser("merge", help="write base + adapter merged weights (one safetensors file, or a transformers "
+                                     "directory)")
     m.add_argument("--adapter", required=True, help="a finetune output directory")
-    m.add_argument("--output", required=True, help="the .safetensors file to write (transformers names)")
+    m.add_argument("--output", required=True, help="the .safetensors file (--format safetensors) or the new "
+                                                   "directory (--format hf) to write")
+    m.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
+                   help="safetensors: the merged weights under transformers' names; hf: a directory "
+                        "AutoModelForCausalLM.from_pretrained loads (config.json, model.safetensors, tokenizer "
+                        "files) (default safetensors)")
+    m.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="--format hf: the dtype of the written weights (default float32)")
+    e = sub.add_parser("export", help="write a run's adapter in peft's format (PeftModel.from_pretrained loads it)")
+    e.add_argument("run_dir", metavar="RUN_DIR", help="a finetune output directory")
+    e.add_argument("--format", choices=("peft",), default="peft", help="the adapter format (default peft)")
+    e.add_argument("--output", required=True, help="the new directory to write")
     i = sub.add_parser("info", help="summarise an adapter (like peft's print_trainable_parameters)")
     i.add_argument("adapter", help="a finetune output directory")
     i.add_argument("-v", "--verbose", action="store_true", help="list every adapter leaf and its shape")
@@ -350,7 +376,8 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         args = parser.parse_args(argv)
-    commands = {"finetune": _cmd_finetune, "generate": _cmd_generate, "merge": _cmd_merge, "info": _cmd_info}
+    commands = {"finetune": _cmd_finetune, "generate": _cmd_generate, "merge": _cmd_merge, "export": _cmd_export,
+                "info": _cmd_info}
     try:
         return commands[args.command](args)
     except UserError as e:

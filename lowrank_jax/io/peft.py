@@ -60,22 +60,30 @@ def _bias_mode(adapter: base.Adapter) -> str:
     return adapter.config.get("bias", "none")
 
 
+#: The axes of DoRA's magnitude (one per output unit and stacked layer), peft's ``lora_magnitude_vector``.
+MAGNITUDE_AXES = ("stack", "out")
+
+
+def _magnitude_name(adapter: base.Adapter) -> str | None:
+    """The name of ``adapter``'s DoRA magnitude leaf (its role's axes are :data:`MAGNITUDE_AXES`), or None."""
+    if adapter.config.get("method") != "dora":
+        return None
+    return next(n for n, leaf in scale_lib.roles_or_lora(adapter).items() if leaf.axes == MAGNITUDE_AXES)
+
+
 def _lora_factors(adapter: base.Adapter) -> tuple[str, str]:
     """The names of ``adapter``'s A and B from its leaf roles; raises unless those are its only leaves
-    (besides the trained biases of ``lrj.lora(bias=...)``).
-
-    peft's LoRA format stores ``lora_A``/``lora_B`` only: a leaf of any other role (DoRA's
-    magnitude ``m: ("stack", "out")``, which peft stores as ``lora_magnitude_vector``
-    under ``use_dora=True``, a format not written here) cannot be exported.
-    """
+    (besides the trained biases of ``lrj.lora(bias=...)`` and DoRA's magnitude, peft's
+    ``lora_magnitude_vector`` under ``use_dora=True``)."""
     roles = scale_lib.roles_or_lora(adapter)
     lora_axes = tuple(leaf.axes for leaf in base.LORA_ROLES.values())
     allowed = (*lora_axes, ("param",)) if _bias_mode(adapter) != "none" else lora_axes
-    others = {n: leaf.axes for n, leaf in roles.items() if leaf.axes not in allowed}
+    magnitude = _magnitude_name(adapter)
+    others = {n: leaf.axes for n, leaf in roles.items() if leaf.axes not in allowed and n != magnitude}
     if others:
         raise ValueError(
             f"cannot export adapter {adapter.config.get('method', '?')!r} in peft's LoRA format: its leaves {others} "
-            f"are not LoRA factors {lora_axes} (peft's DoRA format, use_dora=True, is not supported)"
+            f"are not LoRA factors {lora_axes} or DoRA's magnitude {MAGNITUDE_AXES}"
         )
     return scale_lib.lora_factor_names(adapter)
 
@@ -136,7 +144,8 @@ def save_peft(directory: str | os.PathLike, adapter: base.Adapter, params, adapt
               layouts=None) -> pathlib.Path:
     """Writes ``adapter_params`` as a peft adapter directory that ``PeftModel.from_pretrained`` loads.
 
-    LoRA (``lrj.lora``, with its trained biases under ``bias=``), IA3 (``lrj.ia3``) or VeRA (``lrj.vera``,
+    LoRA (``lrj.lora``, with its trained biases under ``bias=``), DoRA (``lrj.dora``: ``use_dora=True``,
+    the magnitude as ``lora_magnitude_vector``), IA3 (``lrj.ia3``) or VeRA (``lrj.vera``,
     written with its shared projections: ``save_projection=True``); ``layouts`` (optional, as given to
     the adapter) settles a stacked kernel's layout where its leaves fit several.
     """
@@ -150,6 +159,7 @@ def save_peft(directory: str | os.PathLike, adapter: base.Adapter, params, adapt
         raise ValueError(f"cannot export adapter {cfg.get('method', '?')!r} in peft's LoRA format: "
                          f"its config lacks {missing}")
     a_name, b_name = _lora_factors(adapter)
+    magnitude = _magnitude_name(adapter)
     roles = scale_lib.roles_or_lora(adapter)
     found = tree_lib.adapter_paths(adapter_params, frozenset(roles))
     factor_trees = {k: v for k, v in found if BIAS_LEAF not in v}
@@ -169,6 +179,9 @@ def save_peft(directory: str | os.PathLike, adapter: base.Adapter, params, adapt
             key_a, key_b = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
             tensors[f"{PREFIX}{name}.{key_a}"] = np.ascontiguousarray(aa.T)
             tensors[f"{PREFIX}{name}.{key_b}"] = np.ascontiguousarray(bb.T)
+            if magnitude is not None:  # [*stack, *out] -> one [out] vector per layer
+                m = np.asarray(leaves[magnitude], np.float32).reshape(*stack, -1)
+                tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = np.ascontiguousarray(m if index is None else m[index])
             modules.add(name.rsplit(".", 1)[-1])
             if r != cfg["rank"]:
                 rank_pattern[re.escape(name)] = r
@@ -179,7 +192,7 @@ def save_peft(directory: str | os.PathLike, adapter: base.Adapter, params, adapt
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": cfg["rank"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg["dropout"], "use_rslora": cfg["rslora"],
         "target_modules": sorted(modules), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "bias": _bias_mode(adapter), "fan_in_fan_out": False, "use_dora": False, "init_lora_weights": True,
+        "bias": _bias_mode(adapter), "fan_in_fan_out": False, "use_dora": magnitude is not None, "init_lora_weights": True,
         "inference_mode": True, "modules_to_save": None,
     }
     return _write(directory, tensors, config)
