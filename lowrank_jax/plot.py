@@ -118,6 +118,7 @@ def training_plot(path, steps: Sequence[int], loss: Sequence[float], *, smoothed
         ax_lr.set_ylim(bottom=0)
         others.append(ax_lr)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.ticklabel_format(axis="y", useOffset=False)  # losses as they are, not "+1.08e1" and small deltas
     lo, hi = float(np.min(x)), float(np.max(x))
     ax.set_xlim(lo - 0.5, hi + 0.5) if hi - lo < 2 else ax.set_xlim(lo, hi)
     ax.set_xlabel("step")
