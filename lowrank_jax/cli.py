@@ -207,26 +207,6 @@ def _cmd_generate(args) -> int:
     return 0
 
 
-def hf_state_dict(params) -> dict:
-    """Flax LLaMA params (scanned or not) -> transformers' names and ``[out, in]`` orientation, as numpy.
-
-    The names are :func:`lowrank_jax.io.hf_names.llama_tensor_name`'s.
-    """
-    import numpy as np
-
-    from lowrank_jax import tree as tree_lib
-    from lowrank_jax.io import hf_names
-    from lowrank_jax.models.llama import unstack_layers
-
-    if "layers" in params:
-        params = unstack_layers(params)
-    out = {}
-    for _, path, leaf in tree_lib.flatten_with_paths(params):
-        value = np.asarray(leaf)
-        out[hf_names.llama_tensor_name(path)] = value.T if hf_names.is_transposed(path) else value
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
-
-
 def _cmd_merge(args) -> int:
     from safetensors.numpy import save_file
 
@@ -252,6 +232,8 @@ def _cmd_merge(args) -> int:
     from lowrank_jax.finetune import restore_adapter
 
     recipe, trainable, _, _ = restore_adapter(args.adapter)
+    from lowrank_jax.io.hf_checkpoint import hf_state_dict
+
     tensors = hf_state_dict(recipe.eval_params(trainable))
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_suffix(".tmp")

@@ -216,3 +216,25 @@ def test_generate_serves_several_adapters_in_one_mixed_batch(tmp_path, loaded, c
         alone = ["generate", "--prompt", answer["prompt"], "--max-new-tokens", "5"]
         assert cli.main(alone + (["--adapter", answer["adapter"]] if answer["adapter"] else [])) == 0
         assert capsys.readouterr().out.rstrip("\n") == answer["text"], answer
+
+
+def test_bitfit_trains_only_the_biases_of_a_qwen2_directory(tmp_path):
+    """--model DIR with Qwen2's q/k/v biases: BitFit trains those 2 x (16 + 8 + 8) values and nothing else."""
+    import pathlib
+
+    from lowrank_jax import tree as tree_lib
+
+    model = pathlib.Path(__file__).parent / "fixtures" / "hf_tiny" / "qwen2"
+    cfg = ft.FinetuneConfig(model=str(model), method="bitfit", steps=3, batch=2, seq_len=32, eval_tokens=256,
+                            eval_window=64, output_dir=str(tmp_path / "run"), progress=False)
+    summary = ft.finetune(cfg)
+    assert summary["trainable_params"] == 2 * (16 + 8 + 8)
+    recipe, trainable, config, loaded = ft.restore_adapter(tmp_path / "run")
+    assert config["model"] == str(model.resolve())
+    merged = dict((p, np.asarray(v)) for _, p, v in tree_lib.flatten_with_paths(recipe.eval_params(trainable)))
+    base = dict((p, np.asarray(v)) for _, p, v in tree_lib.flatten_with_paths(loaded[2]))
+    assert sorted(merged) == sorted(base)
+    changed = sorted(p for p in base if not np.array_equal(merged[p], base[p]))
+    assert changed == [f"layers/self_attn/{n}/bias" for n in ("k_proj", "q_proj", "v_proj")]
+    for p in changed:  # three AdamW steps at lr <= 1e-3 move each bias by at most ~3e-3
+        assert 0 < np.abs(merged[p] - base[p]).max() <= 3.5e-3

@@ -48,7 +48,7 @@ import numpy as np
 from lowrank_jax.io import hf_names
 from lowrank_jax.models.llama import ARCHITECTURES, LlamaConfig, LlamaForCausalLM, stack_layers, unstack_layers
 
-__all__ = ["SAVE_DTYPES", "TOKENIZER_FILES", "Pretrained", "hf_config_dict", "load_pretrained",
+__all__ = ["SAVE_DTYPES", "TOKENIZER_FILES", "Pretrained", "hf_config_dict", "hf_state_dict", "load_pretrained",
            "read_safetensors_file", "save_pretrained"]
 
 #: Files of a transformers directory that describe the tokenizer (copied by :func:`save_pretrained`).
@@ -391,6 +391,21 @@ def _tokenizer_files(source, out: pathlib.Path) -> tuple[int | None, int | None]
     raise ValueError(f"tokenizer_source {os.fspath(source)!r} is neither a transformers directory nor a .gguf file")
 
 
+def hf_state_dict(params, dtype=np.float32) -> dict[str, np.ndarray]:
+    """LLaMA params (scanned or not) -> transformers' tensor names and torch orientation
+    (``nn.Linear`` weights ``[out, in]``), as contiguous numpy arrays of ``dtype``."""
+    from lowrank_jax import tree as tree_lib
+
+    if "layers" in params:
+        params = unstack_layers(params)
+    out = {}
+    for _, path, leaf in tree_lib.flatten_with_paths(params):
+        value = np.asarray(leaf, np.float32)
+        value = value.T if hf_names.is_transposed(path) else value
+        out[hf_names.llama_tensor_name(path)] = np.ascontiguousarray(value.astype(dtype))
+    return out
+
+
 def save_pretrained(out_dir, config: LlamaConfig, params, *, tokenizer_source=None, dtype: Any = "float32",
                     overwrite: bool = False) -> pathlib.Path:
     """Writes a transformers checkpoint directory that ``AutoModelForCausalLM.from_pretrained`` loads.
@@ -444,11 +459,7 @@ def save_pretrained(out_dir, config: LlamaConfig, params, *, tokenizer_source=No
     out.mkdir(parents=True, exist_ok=True)
     ids = _tokenizer_files(tokenizer_source, out) if tokenizer_source is not None else (None, None)
     config_json = hf_config_dict(config, dtype=dtype_name, bos_token_id=ids[0], eos_token_id=ids[1])
-    tensors = {}
-    for path, leaf in flat.items():
-        value = np.asarray(leaf, np.float32)
-        value = value.T if hf_names.is_transposed(path) else value
-        tensors[hf_names.llama_tensor_name(path)] = np.ascontiguousarray(value.astype(np_dtype))
+    tensors = hf_state_dict(params, np_dtype)
     save_file(tensors, os.fspath(out / "model.safetensors"), metadata={"format": "pt"})
     with open(out / "config.json", "w", encoding="utf-8") as f:
         json.dump(config_json, f, indent=2)
