@@ -112,8 +112,17 @@ def _cmd_finetune(args) -> int:
     return 0
 
 
-def _chat(prompt: str) -> str:
-    return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+def _chat(tokenizer, prompt: str) -> str:
+    """``prompt`` as one user turn under the model's own chat template, ready for the assistant's answer."""
+    from lowrank_jax import instruct
+    from lowrank_jax.run_config import UserError
+
+    try:
+        return instruct.render_chat(tokenizer.chat_template, [{"role": "user", "content": prompt}],
+                                    add_generation_prompt=True, bos_token=tokenizer.bos_token or "",
+                                    eos_token=tokenizer.eos_token or "")
+    except ValueError as e:
+        raise UserError(f"--chat: {e}") from None
 
 
 def _check_run(directory: str, flag: str = "--adapter") -> dict:
@@ -166,6 +175,9 @@ def _cmd_generate(args) -> int:
             if method not in ("lora", "rslora"):
                 raise UserError(f"several --adapter run in one batch as a bank of LoRA adapters (lora, rslora runs); "
                                 f"{run} is a {method} run: generate with it alone")
+        models = {config.get("model") for config in configs}
+        if len(models) > 1:
+            raise UserError(f"several --adapter share one base model; these runs fine-tuned {sorted(map(str, models))}")
     from lowrank_jax.finetune import FinetuneConfig, load_model, restore_adapter
     from lowrank_jax.models.llama import generate
 
@@ -176,7 +188,7 @@ def _cmd_generate(args) -> int:
     model, _, params, tok = loaded if loaded is not None else load_model(FinetuneConfig())
     columns = ([None] if args.with_base or not runs else []) + list(range(len(runs)))
     rows = [(p, k) for p in prompts for k in columns]
-    ids = [tok.encode(_chat(p) if args.chat else p, add_special_tokens=False) for p, _ in rows]
+    ids = [tok.encode(_chat(tok, p) if args.chat else p, add_special_tokens=False) for p, _ in rows]
     options = dict(max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id, temperature=args.temperature,
                    top_k=args.top_k)
     if len(runs) == 1 and not args.with_base:
@@ -325,7 +337,7 @@ def main(argv=None) -> int:
     g.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate per prompt (default 48)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default 0.0)")
     g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
-    g.add_argument("--chat", action="store_true", help="wrap each prompt in the instruct chat template")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template (one user turn)")
     m = sub.add_parser("merge", help="write base + adapter merged weights (one safetensors file, or a transformers "
                                      "directory)")
     m.add_argument("--adapter", required=True, help="a finetune output directory")
