@@ -345,10 +345,12 @@ RECIPES: dict[str, Callable[..., Recipe]] = {
     "qdora": qlora_recipe, "longlora": longlora_recipe, "galore": galore_recipe, "lisa": lisa_recipe,
 }
 
+
 class Progress:
     """A one-line progress bar on stderr (a line per ~10% when stderr is not a terminal)."""
 
-    def __init__(self, total: int, start: int = 0, enabled: bool = True, stream=sys.stderr):
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, stream=None):
+        stream = sys.stderr if stream is None else stream  # the stderr of now, not of the import
         self.total, self.start, self.enabled, self.stream = total, start, enabled, stream
         self.tty = stream.isatty()
         self.t0 = time.perf_counter()

@@ -1,5 +1,6 @@
 """One owner per concept: the LoRA scale (adapters.scale), and LoRA factors found from leaf roles, not names."""
 
+import json
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 
 import lowrank_jax as lrj
 from lowrank_jax import cli
+from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import base
 from lowrank_jax.adapters import scale as scale_lib
 from lowrank_jax.io import peft as peft_io
@@ -224,10 +226,18 @@ def test_peft_export_refuses_leaves_that_are_not_lora_factors(tmp_path):
     params = proj_params()
     dora = lrj.dora(rank=2)
     lp = dora.init(jax.random.key(0), params)
-    with pytest.raises(ValueError, match=r"cannot export adapter 'dora' in peft's LoRA format: its leaves "
+    other = dora._replace(config={**dora.config, "method": "magnitudes"})  # an m leaf that is not DoRA's
+    with pytest.raises(ValueError, match=r"cannot export adapter 'magnitudes' in peft's LoRA format: its leaves "
                                          r"\{'m': \('stack', 'out'\)\} are not LoRA factors"):
-        peft_io.save_peft(tmp_path / "d", dora, params, lp, module_name=lambda p, layer: "proj")
+        peft_io.save_peft(tmp_path / "d", other, params, lp, module_name=lambda p, layer: "proj")
     assert not (tmp_path / "d").exists()
+    written = peft_io.save_peft(tmp_path / "dora", dora, params, lp, module_name=lambda p, layer: "proj")
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(written / "adapter_model.safetensors"))
+    m, = [leaf for _, path, leaf in tree_lib.flatten_with_paths(lp) if path.endswith("/m")]
+    np.testing.assert_array_equal(tensors["base_model.model.proj.lora_magnitude_vector"], np.asarray(m).reshape(-1))
+    assert json.loads((written / "adapter_config.json").read_text())["use_dora"] is True
     with pytest.raises(ValueError, match=r"its config lacks \['rank', 'alpha', 'alpha_pattern', 'rslora', 'dropout'\]"):
         peft_io.save_peft(tmp_path / "e", lrj.lora()._replace(config={"method": "x"}), params, lp)
 
