@@ -238,3 +238,31 @@ def test_bitfit_trains_only_the_biases_of_a_qwen2_directory(tmp_path):
     assert changed == [f"layers/self_attn/{n}/bias" for n in ("k_proj", "q_proj", "v_proj")]
     for p in changed:  # three AdamW steps at lr <= 1e-3 move each bias by at most ~3e-3
         assert 0 < np.abs(merged[p] - base[p]).max() <= 3.5e-3
+
+
+def test_export_and_merge_hf_of_a_run_on_a_model_directory(tmp_path):
+    """``export RUN --format peft`` writes the run's checkpointed factors; ``merge --format hf`` a directory
+    that loads back (through our reader) with the run's merged logits."""
+    import pathlib
+
+    from safetensors.numpy import load_file as load_tensors
+
+    from lowrank_jax.io import hf_checkpoint
+
+    model = pathlib.Path(__file__).parent / "fixtures" / "hf_tiny" / "qwen2"
+    run = tmp_path / "run"
+    ft.finetune(ft.FinetuneConfig(model=str(model), steps=3, batch=2, seq_len=32, eval_tokens=256, eval_window=64,
+                                  output_dir=str(run), progress=False))
+    assert cli.main(["export", str(run), "--output", str(tmp_path / "peft")]) == 0
+    recipe, trainable, _, loaded = ft.restore_adapter(run)
+    saved = load_tensors(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    b = np.asarray(trainable["params"]["layers"]["self_attn"]["q_proj"]["kernel"]["b"])  # [layers, r, out]
+    np.testing.assert_array_equal(saved["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"], b[1].T)
+    assert np.abs(b).max() > 0  # trained: B left its zero init
+    assert cli.main(["merge", "--format", "hf", "--adapter", str(run), "--output", str(tmp_path / "hf")]) == 0
+    assert cli.main(["merge", "--format", "hf", "--adapter", str(run), "--output", str(tmp_path / "hf")]) == 2
+    back = hf_checkpoint.load_pretrained(tmp_path / "hf", scan_layers=True)
+    ids = np.arange(24, dtype=np.int32).reshape(2, 12) + 5
+    ours = loaded[0].apply({"params": recipe.eval_params(trainable)}, ids)
+    again = loaded[0].apply({"params": back.params}, ids)
+    np.testing.assert_allclose(np.asarray(again), np.asarray(ours), atol=1e-5)
