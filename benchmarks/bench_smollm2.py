@@ -249,7 +249,7 @@ def run_config(config: str, args, batch_file: str, gguf_file: str) -> dict:
             row["peft"] = theirs.ready
         except RuntimeError as e:
             row["peft"] = {"error": str(e)}
-    ours_t, peft_t, round_ratios = [], [], []
+    ours_t, peft_t, round_ratios, loads = [], [], [], [os.getloadavg()[0]]
     for _ in range(args.rounds):
         a = ours.time(args.steps)
         ours_t += a
@@ -257,6 +257,8 @@ def run_config(config: str, args, batch_file: str, gguf_file: str) -> dict:
             b = theirs.time(args.steps)
             peft_t += b
             round_ratios.append(statistics.median(a) / statistics.median(b))
+        loads.append(os.getloadavg()[0])
+    row["load_average_1min"] = loads  # the machine is shared: wall-clock under load is noisier
     row["ours"].update(ours.quit(), times=ours_t, median_s=statistics.median(ours_t), min_s=min(ours_t))
     if theirs is not None:
         row["peft"].update(theirs.quit(), times=peft_t, median_s=statistics.median(peft_t), min_s=min(peft_t))
