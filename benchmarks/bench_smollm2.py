@@ -74,7 +74,7 @@ def serve(ready: dict, step, name: str) -> None:
 # --------------------------------------------------------------------------- ours
 
 
-def our_step(config: str, batch_np):
+def our_step(config: str, batch_np, remat: str | None = None):
     """``(step, info)``: the main job's jitted train step for ``config`` on ``batch_np``, compiled."""
     import jax
     import jax.numpy as jnp
@@ -90,7 +90,7 @@ def our_step(config: str, batch_np):
     model = LlamaForCausalLM(lconfig)
     rss_loaded = peak_rss_mb()
     cfg = finetune.FinetuneConfig(method="lora" if method == "full" else method, targets=targets, rank=RANK,
-                                  alpha=ALPHA, dropout=0.0, lr=LR, steps=60)
+                                  alpha=ALPHA, dropout=0.0, lr=LR, steps=60, remat=remat)
     cfg.validate()
     model = finetune.with_remat(model, cfg.remat)
     if method == "full":
@@ -186,7 +186,7 @@ def worker(args) -> None:
 
     batch = np.load(args.batch_file)
     if args.worker == "ours":
-        step, info = our_step(args.worker_config, batch)
+        step, info = our_step(args.worker_config, batch, remat=args.remat)
     else:
         step, info = peft_step(args.worker_config, batch, args.gguf_file, threads=args.threads)
     for _ in range(max(0, args.warmup - 1)):  # the first step ran in the constructor
@@ -240,7 +240,7 @@ def the_batch(batch: int, seq: int):
 def run_config(config: str, args, batch_file: str, gguf_file: str) -> dict:
     env = dict(os.environ)
     common = ["--batch-file", batch_file, "--warmup", str(args.warmup), "--worker-config", config]
-    ours = Worker(["--worker", "ours", *common], env)
+    ours = Worker(["--worker", "ours", *common, *(["--remat", args.remat] if args.remat else [])], env)
     row = {"config": config, "ours": ours.ready}
     theirs = None
     if not args.no_peft:
@@ -299,6 +299,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--no-peft", action="store_true")
+    parser.add_argument("--remat", default=None, help="our side's --remat preset (default: the main job's)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", choices=("ours", "peft"), help=argparse.SUPPRESS)
     parser.add_argument("--worker-config", help=argparse.SUPPRESS)
