@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lowrank_jax import checkpoint
+from lowrank_jax import checkpoint, losses
 from lowrank_jax.metrics import MetricsLog
 from lowrank_jax.adapters.base import freeze
 from lowrank_jax.adapters.lora import lora
@@ -204,16 +204,20 @@ def lora_recipe(cfg: FinetuneConfig, model, params, batch_at=None) -> Recipe:
         raise UserError(f"--targets {cfg.targets!r}: {e}") from None
 
     aux = adapter.config.get("aux_loss_coef", 0.0) > 0  # a mixture's load-balancing loss (MixLoRA)
+    # the chunked head loss unless an adapter changes the (tied) head: then the model's own logits
+    head = None if cfg.plain_loss or not losses.fused_head_applies(lora_params, variables, model.config) \
+        else model.config
+    run_model = model if head is None else model.clone(output="hidden")
 
     def loss_fn(lora_params, variables, batch, rng):
         if not aux:
-            logits = linen.apply(model, adapter, variables, lora_params, model_inputs(batch), dropout_rng=rng)
-            return next_token_loss(logits, batch)
+            out = linen.apply(run_model, adapter, variables, lora_params, model_inputs(batch), dropout_rng=rng)
+            return losses.next_token_loss(out, variables, head, batch)
         from lowrank_jax.adapters import moe
 
-        logits, state = linen.apply(model, adapter, variables, lora_params, model_inputs(batch), dropout_rng=rng,
-                                    mutable=[moe.base.AUX_COLLECTION])
-        return next_token_loss(logits, batch) + moe.aux_loss(state)
+        out, state = linen.apply(run_model, adapter, variables, lora_params, model_inputs(batch), dropout_rng=rng,
+                                 mutable=[moe.base.AUX_COLLECTION])
+        return losses.next_token_loss(out, variables, head, batch) + moe.aux_loss(state)
 
     recipe = Recipe(lora_params, variables, loss_fn, lambda lp: adapter.merge(variables, lp)["params"], model,
                     adapter_optimizer(cfg, adapter), {"adapter": adapter.config}, adapter=adapter)

@@ -252,6 +252,9 @@ class FinetuneConfig:
     progress: bool = dataclasses.field(default=True, metadata=_opt("show the progress bar"))
     experts: int | None = dataclasses.field(default=None, metadata=_opt(
         f"experts per target of a mixture ({', '.join(MIXTURES)}; default 4)", type=int))
+    plain_loss: bool = dataclasses.field(default=False, metadata=_opt(
+        "compute the loss from the model's whole [B, T, V] logits instead of the chunked head loss "
+        "(lowrank_jax.losses; the two are equal, the chunked one is faster and smaller)"))
     remat: str | None = dataclasses.field(default=None, metadata=_opt(
         f"recompute the blocks in the backward pass: {', '.join(REMAT)} (default: full for qlora, none otherwise)",
         type=str))

@@ -349,6 +349,10 @@ def low_rank(site: Site, x, a, b, scale: float):
         return contract(t, b, 1)
     if site.kind != "linear":
         raise ValueError(f"unknown site kind {site.kind!r}")
+    if site.inputs == 1 and a.ndim == 2 and b.ndim == 2 and isinstance(scale, (int, float)):
+        from lowrank_jax.factored import lora_linear  # its VJP keeps the large cotangent untransposed
+
+        return lora_linear(x, a, b, scale)
     t = contract(x, a, site.inputs) * s
     return contract(t, b, 1)
 

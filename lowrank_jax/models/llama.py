@@ -135,6 +135,8 @@ class LlamaConfig:
         (``nn.Embed.attend``); otherwise a separate ``lm_head`` Dense.
       dtype: computation dtype of activations. param_dtype: dtype of new params.
       scan_layers: run the blocks as one ``nn.scan`` (params stacked ``[L, ...]``).
+      scan_unroll: blocks per iteration of that loop (``lax.scan``'s ``unroll``); params stay
+        stacked. ``num_hidden_layers`` unrolls it fully (benchmarks/bench_smollm2_profile.py).
       remat: wrap each block in ``nn.remat`` (recompute activations in the
         backward pass).
       remat_policy: name of a ``jax.checkpoint_policies`` member, e.g.
@@ -173,6 +175,7 @@ class LlamaConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
+    scan_unroll: int = 1
     remat: bool = False
     remat_policy: str | None = None
     attention_fn: AttentionFn | None = None
@@ -678,7 +681,7 @@ class LlamaForCausalLM(nn.Module):
         if c.scan_layers:
             block = nn.scan(block, variable_axes={"params": 0, "cache": 0, "adapter_aux": 0},
                             split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast,) * 4, length=c.num_hidden_layers)
+                            in_axes=(nn.broadcast,) * 4, length=c.num_hidden_layers, unroll=c.scan_unroll)
         return functools.partial(block, c, decode=decode, activation_sharding=self.activation_sharding)
 
     @nn.compact
