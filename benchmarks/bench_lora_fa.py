@@ -139,15 +139,16 @@ def _sub_jaxprs(value):
 
 def jaxpr_dots(jaxpr, d: int, r: int) -> tuple[int, int]:
     """``(all, factor_grads)``: ``dot_general`` equations in ``jaxpr`` and its sub-jaxprs, and those
-    that contract the token axes of ``[batch, seq, .]`` operands into a ``[d, r]`` or ``[r, d]``
-    result: the gradients of the LoRA factors (``dA = x^T (g B^T)``, ``dB = (x A)^T g``, in either
-    orientation). Static counts: a scan body counts once."""
+    that contract activations (no operand is a ``[d, r]`` or ``[r, d]`` factor) into a ``[d, r]`` or
+    ``[r, d]`` result: the gradients of the LoRA factors (``dA = x^T (g B^T)``, ``dB = (x A)^T g``, in
+    either orientation, with the tokens flattened or not). Static counts: a scan body counts once."""
     n = n_g = 0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
             n += 1
             shape = tuple(eqn.outvars[0].aval.shape)
-            n_g += shape in ((d, r), (r, d)) and all(len(v.aval.shape) >= 3 for v in eqn.invars)
+            factor = ((d, r), (r, d))
+            n_g += shape in factor and not any(tuple(v.aval.shape) in factor for v in eqn.invars)
         for v in eqn.params.values():
             for sub in _sub_jaxprs(v):
                 dn, dg = jaxpr_dots(sub, d, r)

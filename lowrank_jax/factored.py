@@ -23,12 +23,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lowrank_jax.mesh_ops import contract, match_sharding
+
 __all__ = ["lora_linear"]
 
 
 def _dot(p, q):
-    """``p @ q`` for 2-D ``p, q`` in ``p``'s dtype."""
-    return jax.lax.dot_general(p, q, (((1,), (0,)), ((), ())))
+    """``p @ q`` for 2-D ``p, q``; under an Explicit mesh its output sharding follows
+    :func:`lowrank_jax.mesh_ops.contract` (a contraction over a sharded axis is an all-reduce)."""
+    return contract(p, q, 1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -48,10 +51,10 @@ def _bwd(scale, res, g):
         g = jnp.zeros(g.shape, g.dtype)
     s = jnp.asarray(scale, x2.dtype)
     g = g.astype(x2.dtype)
-    u = _dot(g, b.T) * s                                              # [N, r] = s g B^T
-    dx = _dot(u, a.T) if want_x else None
-    da = _dot(jax.lax.optimization_barrier(u.T), x2).T if want_a else None   # (u^T x)^T
-    db = _dot(jax.lax.optimization_barrier(t.T), g) if want_b else None      # t^T g
+    u = _dot(g, b.T) * s if want_x or want_a else None                # [N, r] = s g B^T
+    dx = match_sharding(_dot(u, a.T), x2) if want_x else None
+    da = match_sharding(_dot(jax.lax.optimization_barrier(u.T), x2).T, a) if want_a else None   # (u^T x)^T
+    db = match_sharding(_dot(jax.lax.optimization_barrier(t.T), g), b) if want_b else None      # t^T g
     return dx, da, db
 
 
