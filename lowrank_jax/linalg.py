@@ -46,6 +46,7 @@ __all__ = [
     "pinv",
     "qr",
     "randomized_svd",
+    "reduced_svd",
     "svd",
     "tucker_hooi",
     "tucker_hosvd",
@@ -107,21 +108,34 @@ def check_finite(x, name: str = "x"):
     return x
 
 
-def qr(w):
-    """Reduced QR ``w = q r`` of ``w: [..., m, n]``, as :func:`jnp.linalg.qr`, one matrix at a time on CPU.
+def _one_matrix_at_a_time(decompose, w):
+    """Runs ``decompose`` over the batch axes of ``w: [..., m, n]`` with :func:`jax.lax.map` on CPU.
 
-    On the CPU backend (jax/jaxlib 0.10.2) a program holding several *batched* QR
-    factorisations of large matrices can deadlock in XLA's runtime (e.g. four
-    ``[2, 576, 576]`` QRs in one ``jit``; unbatched ones do not). Batches are
-    therefore run through :func:`jax.lax.map` there, which costs the same FLOPs.
-    Other backends use the batched kernel. Under an outer ``jax.vmap`` the QR is
-    batched again, so map over stacked matrices with ``lax.map`` instead of ``vmap``.
+    On the CPU backend (jax/jaxlib 0.10.2) a program holding *batched* LAPACK
+    factorisations (QR, SVD) can deadlock in XLA's runtime: e.g. four
+    ``[2, 576, 576]`` QRs in one ``jit``, or GaLore's ``[L, m, n]`` SVD on eight
+    simulated devices, where every device thread waits in the custom call for work
+    queued on the saturated intra-op pool. Unbatched calls do not, and cost the same
+    FLOPs. Other backends use the batched kernel. Under an outer ``jax.vmap`` the
+    call is batched again, so map over stacked matrices with ``lax.map`` instead.
     """
     if w.ndim <= 2 or jax.default_backend() != "cpu":
-        return jnp.linalg.qr(w)
+        return decompose(w)
     batch = w.shape[:-2]
-    q, r = lax.map(jnp.linalg.qr, w.reshape(-1, *w.shape[-2:]))
-    return q.reshape(*batch, *q.shape[-2:]), r.reshape(*batch, *r.shape[-2:])
+    outs = lax.map(decompose, w.reshape(-1, *w.shape[-2:]))
+    return tuple(o.reshape(*batch, *o.shape[1:]) for o in outs)
+
+
+def qr(w):
+    """Reduced QR ``w = q r`` of ``w: [..., m, n]``, as :func:`jnp.linalg.qr`, one matrix at a time on CPU
+    (see :func:`_one_matrix_at_a_time`)."""
+    return _one_matrix_at_a_time(jnp.linalg.qr, w)
+
+
+def reduced_svd(w):
+    """``u, s, vh = jnp.linalg.svd(w, full_matrices=False)`` for ``w: [..., m, n]``, one matrix at a time on
+    CPU (see :func:`_one_matrix_at_a_time`); no sign convention (:func:`svd` adds one)."""
+    return _one_matrix_at_a_time(lambda x: tuple(jnp.linalg.svd(x, full_matrices=False)), w)
 
 
 def _column_signs(u):
@@ -181,7 +195,7 @@ def svd(w, rank: int | None = None):
 
 @functools.partial(jax.jit, static_argnames=("rank",))
 def _svd(w, *, rank: int):
-    u, s, vh = jnp.linalg.svd(w, full_matrices=False)
+    u, s, vh = reduced_svd(w)
     u, vh = canonical_signs(u[..., :, :rank], vh[..., :rank, :], by="u")
     return u, s[..., :rank], vh
 
@@ -248,7 +262,7 @@ def _randomized_svd(key, w, *, rank: int, oversample: int, niter: int, canonical
         z, _ = qr(jnp.matmul(wt, q, precision=HIGHEST))
         q, _ = qr(jnp.matmul(w, z, precision=HIGHEST))
     b = jnp.matmul(jnp.swapaxes(q, -1, -2), w, precision=HIGHEST)  # [..., l, n]
-    ub, s, vh = jnp.linalg.svd(b, full_matrices=False)
+    ub, s, vh = reduced_svd(b)
     u = jnp.matmul(q, ub, precision=HIGHEST)
     u, s, vh = u[..., :, :rank], s[..., :rank], vh[..., :rank, :]
     if canonical:
@@ -358,7 +372,7 @@ def pinv(w, *, rtol=None):
 
 @jax.jit
 def _pinv(w, rtol):
-    u, s, vh = jnp.linalg.svd(w, full_matrices=False)
+    u, s, vh = reduced_svd(w)
     keep = s > rtol[..., None] * s[..., :1]
     s_inv = jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)
     out = jnp.matmul(jnp.swapaxes(vh, -1, -2) * s_inv[..., None, :], jnp.swapaxes(u, -1, -2), precision=HIGHEST)
@@ -860,7 +874,7 @@ def _monarch_project(w, *, nblocks: int) -> Monarch:
     s = w.shape[-1] // b
     w4 = w.reshape(*w.shape[:-2], b, s, b, s)  # [..., i, u, j, t]
     blocks = jnp.einsum("...iujt->...ujit", w4)  # [..., u, j, b, s]
-    u, sv, vh = jnp.linalg.svd(blocks, full_matrices=False)
+    u, sv, vh = reduced_svd(blocks)
     u, vh = canonical_signs(u[..., :1], vh[..., :1, :], by="u")
     root = jnp.sqrt(sv[..., :1])
     left = u[..., 0] * root  # [..., u, j, i]

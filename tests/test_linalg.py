@@ -607,6 +607,20 @@ def test_qr_equals_jnp_per_matrix_and_batches_through_lax_map():
     np.testing.assert_allclose(r[1, 2], r0, atol=1e-6)
 
 
+def test_reduced_svd_equals_jnp_per_matrix_and_runs_one_matrix_per_lapack_call_on_cpu():
+    w = np.random.default_rng(1).standard_normal((2, 3, 9, 5)).astype(np.float32)
+    u, s, vh = linalg.reduced_svd(jnp.asarray(w))
+    assert u.shape == (2, 3, 9, 5) and s.shape == (2, 3, 5) and vh.shape == (2, 3, 5, 5)
+    u0, s0, vh0 = jnp.linalg.svd(jnp.asarray(w[1, 2]), full_matrices=False)
+    np.testing.assert_allclose(s[1, 2], s0, atol=1e-5)
+    np.testing.assert_allclose(u[1, 2] * s[1, 2] @ vh[1, 2], w[1, 2], atol=1e-5)
+    np.testing.assert_allclose(np.abs(u[1, 2]), np.abs(u0), atol=1e-5)
+    np.testing.assert_allclose(np.abs(vh[1, 2]), np.abs(vh0), atol=1e-5)
+    hlo = jax.jit(linalg.reduced_svd).lower(jnp.asarray(w)).as_text()
+    calls = [line for line in hlo.splitlines() if "lapack_sgesdd" in line]
+    assert len(calls) == 1 and 'num_batch_dims = "0"' in calls[0], calls  # jnp.linalg.svd's has "2"
+
+
 def test_several_stacked_qrs_in_one_program_do_not_deadlock():
     """jax 0.10.2 on CPU: four batched [2, 576, 576] jnp.linalg.qr calls in one jit never return;
     lrj.linalg.qr (and the offset inits and randomized SVD built on it) must."""

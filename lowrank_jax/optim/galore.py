@@ -48,6 +48,7 @@ import optax
 from jax import lax
 from optax.contrib import GaLoreDimensionNumbers
 
+from lowrank_jax import linalg
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.optim import _common, _linalg
 from lowrank_jax.optim.adam import add_decayed_weights_after_step, scale_by_adam_hf
@@ -242,7 +243,7 @@ def scale_by_galore(
     **Sharding.** Under an Explicit mesh the moments of a projected leaf inherit the
     sharding of the matrix side that is kept (``[m, k]`` keeps the output axis's
     spec, ``[k, n]`` the input axis's), projectors are replicated, and a refresh
-    gathers the gradient matrix to run the SVD (``jnp.linalg.svd`` needs unsharded
+    gathers the gradient matrix to run the SVD (:func:`lrj.linalg.reduced_svd` needs unsharded
     matrix axes). Under Auto meshes XLA propagates shardings; pin the state's with
     ``jax.jit(..., out_shardings=...)``. Call ``update`` under :func:`jax.jit`: in
     eager mode the refresh conditional is recompiled at every step.
@@ -387,7 +388,7 @@ def scale_by_galore(
         if svd == "randomized":
             u, _, vh = _linalg.randomized_svd(g32, plan.k, key, oversample=oversample, power_iters=power_iters)
         else:
-            u, _, vh = jnp.linalg.svd(g32, full_matrices=False)
+            u, _, vh = linalg.reduced_svd(g32)  # one matrix at a time on CPU
             u, vh = u[..., :, : plan.k], vh[..., : plan.k, :]
         u, vh = _linalg.canonical_signs(u, vh, by="vh" if plan.side == "right" else "u")
         new_u = _common.reshard_like(u.astype(like.u.dtype), like.u) if plan.side in ("left", "full") else like.u
