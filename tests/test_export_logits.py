@@ -29,15 +29,20 @@ def test_peft_loads_our_adapter_with_our_logits(method, tmp_path):
     assert np.abs(ours - base).max() > 0.2  # the adapter moves the logits far beyond the tolerance
     written = write_peft(tmp_path / "adapter", method, recipe, tree, params)
     config = json.loads((written / "adapter_config.json").read_text())
-    expected_type = {"vera": "VERA", "ia3": "IA3"}.get(method, "LORA")
+    expected_type = {"vera": "VERA", "ia3": "IA3", "adalora": "ADALORA"}.get(method, "LORA")
     assert config["peft_type"] == expected_type
     if expected_type == "LORA":
         rank, alpha = recipe.adapter.config["rank"], recipe.adapter.config["alpha"]
         doubled = method == "pissa"  # the offset init as peft's rank-2r conversion
         assert (config["r"], config["lora_alpha"]) == ((2 * rank, 2 * alpha) if doubled else (rank, alpha))
         assert config["use_dora"] is (method == "dora")
+    if expected_type in ("LORA", "ADALORA"):
         assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                    "down_proj"])
+    if expected_type == "ADALORA":
+        cfg = recipe.adapter.config
+        assert (config["init_r"], config["target_r"], config["lora_alpha"], config["total_step"]) == (
+            cfg["init_r"], cfg["target_r"], cfg["alpha"], cfg["total_step"])
 
 
 @pytest.mark.parametrize("method", ["bitfit", "galore", "longlora", "molora", "lisa"])
