@@ -27,6 +27,11 @@ def test_peft_loads_our_adapter_with_our_logits(method, tmp_path):
     theirs, base = RECORDED[method], RECORDED["base"]
     assert np.abs(ours - theirs).max() < 1e-4  # observed at most 2.0e-5 (PiSSA: merged on the residual base)
     assert np.abs(ours - base).max() > 0.2  # the adapter moves the logits far beyond the tolerance
+    if method in gen.QUANTIZED:  # peft's base was ours dequantised, not the float checkpoint
+        start = np.asarray(recipe.eval_params(recipe.trainable)["layers"]["self_attn"]["q_proj"]["kernel"])
+        w = np.asarray(params["layers"]["self_attn"]["q_proj"]["kernel"])
+        nf4_error = np.abs(start - w).max() / np.abs(w).max()  # NF4 rounds by <= 0.14 of a block's absmax
+        assert 1e-3 < nf4_error < 0.15
     written = write_peft(tmp_path / "adapter", method, recipe, tree, params)
     config = json.loads((written / "adapter_config.json").read_text())
     expected_type = {"vera": "VERA", "ia3": "IA3", "adalora": "ADALORA"}.get(method, "LORA")
@@ -35,7 +40,7 @@ def test_peft_loads_our_adapter_with_our_logits(method, tmp_path):
         rank, alpha = recipe.adapter.config["rank"], recipe.adapter.config["alpha"]
         doubled = method == "pissa"  # the offset init as peft's rank-2r conversion
         assert (config["r"], config["lora_alpha"]) == ((2 * rank, 2 * alpha) if doubled else (rank, alpha))
-        assert config["use_dora"] is (method == "dora")
+        assert config["use_dora"] is (method in ("dora", "qdora"))
     if expected_type in ("LORA", "ADALORA"):
         assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                    "down_proj"])
