@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from lowrank_jax.io import _memory
 from lowrank_jax.models.llama import LlamaConfig, stack_layers
 
 __all__ = [
@@ -255,6 +256,7 @@ def load_llama(path, *, param_dtype: Any = None, scan_layers: bool = False,
     _check_shapes(params, c, path)
     if scan_layers:
         params = stack_layers(params, c.num_hidden_layers)
+    _memory.release_freed_heap()
     return config, params
 
 

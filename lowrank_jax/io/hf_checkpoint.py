@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from lowrank_jax.io import hf_names
+from lowrank_jax.io import _memory, hf_names
 from lowrank_jax.models.llama import ARCHITECTURES, LlamaConfig, LlamaForCausalLM, stack_layers, unstack_layers
 
 __all__ = ["SAVE_DTYPES", "TOKENIZER_FILES", "Pretrained", "hf_config_dict", "hf_state_dict", "load_pretrained",
@@ -281,6 +281,8 @@ def load_pretrained(path, *, scan_layers: bool = False, param_dtype: Any = None,
     if scan_layers:
         params = stack_layers(params, config.num_hidden_layers)
         config = config.replace(scan_layers=True)
+    del state
+    _memory.release_freed_heap()
     ids = {k: hf_config.get(f"{k}_token_id") for k in ("bos", "eos")}
     special = {k: tok.bos_token if k == "bos" else tok.eos_token for k in ids}
     for k, i in ids.items():  # config.json's ids stand in for tokenizer_config.json's strings
