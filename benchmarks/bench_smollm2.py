@@ -92,7 +92,7 @@ def our_step(config: str, batch_np, remat: str | None = None):
     cfg = finetune.FinetuneConfig(method="lora" if method == "full" else method, targets=targets, rank=RANK,
                                   alpha=ALPHA, dropout=0.0, lr=LR, steps=60, remat=remat)
     cfg.validate()
-    model = finetune.with_remat(model, cfg.remat)
+    model = finetune.with_remat(model, cfg.resolved_remat())
     if method == "full":
         def loss_fn(p, _frozen, batch, rng):
             return finetune.cross_entropy(model.apply({"params": p}, batch[:, :-1]), batch[:, 1:])

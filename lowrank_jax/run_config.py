@@ -256,7 +256,8 @@ class FinetuneConfig:
         "compute the loss from the model's whole [B, T, V] logits instead of the chunked head loss "
         "(lowrank_jax.losses; the two are equal, the chunked one is faster and smaller)"))
     remat: str | None = dataclasses.field(default=None, metadata=_opt(
-        f"recompute the blocks in the backward pass: {', '.join(REMAT)} (default: full for qlora, none otherwise)",
+        f"recompute the blocks in the backward pass: {', '.join(REMAT)} (default: full for qlora and qdora, "
+        "dots otherwise: the matmul outputs are kept, the rest is recomputed)",
         type=str))
     mesh: str | None = dataclasses.field(default=None, metadata=_opt(
         "device mesh, e.g. data=2 or data=2,fsdp=4,tensor=2: the batch over data and fsdp, FSDP over fsdp, "
@@ -268,6 +269,15 @@ class FinetuneConfig:
     process_id: int = dataclasses.field(default=0, metadata=_opt("this process's id in [0, --num-processes)"))
     coordinator_timeout: float = dataclasses.field(default=60.0, metadata=_opt(
         "seconds to wait for the coordinator and the other processes before giving up"))
+
+    def resolved_remat(self) -> str:
+        """The ``--remat`` preset the run uses: the one given, else ``full`` for a quantised base (its kernels
+        are dequantised again in the backward pass instead of kept) and ``dots`` otherwise (on SmolLM2's
+        LoRA all-linear step: 0.64x the XLA temp memory of ``none`` at 0.98x peft's step time;
+        ``benchmarks/results/smollm2_idle_rematdots.json``)."""
+        if self.remat is not None:
+            return self.remat
+        return "full" if self.method in QUANTISED else "dots"
 
     def validate(self) -> None:
         """Fills per-method defaults and checks every option against the others (no file is touched)."""
