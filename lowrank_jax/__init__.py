@@ -15,7 +15,7 @@ import importlib
 __version__ = "0.1.0"
 
 #: Subpackages and modules reachable as ``lrj.<name>``.
-_MODULES = ("attention", "distributed", "grads", "linalg", "linen", "longlora", "multi_train", "nnx", "optim", "plan", "quant")
+_MODULES = ("attention", "distributed", "grads", "linalg", "linen", "longlora", "multi_train", "nnx", "optim", "plan", "quant", "tree")
 
 #: Public name -> (module, attribute).
 _EXPORTS = {

@@ -76,6 +76,19 @@ def test_import_lowrank_jax_does_not_import_the_application():
     assert result.returncode == 0, result.stderr
 
 
+def test_every_public_module_is_an_attribute_of_a_fresh_import():
+    """``lrj.tree`` was missing from the lazy modules: ``lrj.tree.num_params`` worked only after something
+    else had imported ``lowrank_jax.tree`` (the MiniLM example failed run on its own)."""
+    import lowrank_jax
+
+    modules = ("attention", "distributed", "grads", "linalg", "linen", "longlora", "multi_train", "nnx", "optim",
+               "plan", "quant", "tree")
+    code = "import lowrank_jax as lrj\n" + "".join(f"assert lrj.{m}.__name__ == 'lowrank_jax.{m}'\n" for m in modules)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert result.returncode == 0, result.stderr
+    assert set(modules) <= set(lowrank_jax.__all__)
+
+
 @pytest.mark.parametrize("file", _core_files(), ids=lambda f: str(f.relative_to(PACKAGE)))
 def test_core_module_does_not_import_the_application(file):
     rel = str(file.relative_to(PACKAGE))
